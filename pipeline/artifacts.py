@@ -1,0 +1,95 @@
+"""Artifact directories: content hashes, manifests, atomic completion.
+
+An artifact is a directory whose `manifest.json` lists the sha256 of every
+file in it. The manifest is written last, inside a temporary directory that
+is renamed into place in one step, so a directory that looks complete is
+complete. A directory whose files do not match their manifest is not an
+artifact: the runner treats it as missing and recomputes it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any, Mapping
+
+MANIFEST = "manifest.json"
+_CHUNK = 1 << 22
+
+
+def sha256_file(path: Path) -> str:
+    """Hex sha256 of a file's bytes, read in chunks so big shards never sit in memory."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def canonical_json(value: Any) -> str:
+    """The one serialization that is hashed: sorted keys, no whitespace, UTF-8 safe."""
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str)
+
+
+def sha256_text(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def file_hashes(directory: Path) -> dict[str, str]:
+    """sha256 of every file under `directory` (relative POSIX paths), manifest excluded."""
+    hashes = {}
+    for path in sorted(directory.rglob("*")):
+        if path.is_file() and path.name != MANIFEST:
+            hashes[path.relative_to(directory).as_posix()] = sha256_file(path)
+    return hashes
+
+
+def write_json(path: Path, value: Any) -> None:
+    """Write JSON through a temporary file and a rename, so readers never see half a file."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(value, indent=2, sort_keys=True, default=str) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def write_manifest(directory: Path, fields: Mapping[str, Any]) -> dict[str, Any]:
+    """Hash the directory's files and write manifest.json (last, so it marks completion)."""
+    manifest = {**fields, "files": file_hashes(directory)}
+    write_json(directory / MANIFEST, manifest)
+    return manifest
+
+
+def read_manifest(directory: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads((directory / MANIFEST).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+def verify(directory: Path) -> tuple[bool, str]:
+    """(True, "") when every file listed in the manifest exists with its recorded hash.
+
+    Sizes are compared before contents so a truncated file is caught without hashing.
+    """
+    manifest = read_manifest(directory)
+    if manifest is None or not isinstance(manifest.get("files"), dict):
+        return False, "no valid manifest.json"
+    for name, expected in manifest["files"].items():
+        path = directory / name
+        if not path.is_file():
+            return False, f"{name} is missing"
+        if sha256_file(path) != expected:
+            return False, f"{name} does not match its manifest hash"
+    return True, ""
+
+
+def remove_tree(path: Path) -> None:
+    """Remove a directory we own, even when a killed writer left read-only folders in it."""
+    if not path.exists():
+        return
+    for folder in [path, *path.rglob("*")]:
+        if folder.is_dir() and not folder.is_symlink():
+            os.chmod(folder, 0o700)
+    shutil.rmtree(path)

@@ -1,0 +1,181 @@
+"""The ablation plan (`ablation.yaml`): which layers to ablate, with which direction and scale.
+
+The plan is the hand-off between `select` and `ablate`, and a file people
+review, commit and replay (`run.plan=...`). So its text is deterministic:
+sorted keys, fixed float formatting, one line per layer, no timestamps. The
+same inputs give byte-identical files, which is what lets CI regenerate plans
+and diff them (`python -m pipeline.regen --check`).
+
+This module owns the format only; choosing layers is `pipeline.stages.select`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any, Mapping
+
+import yaml
+
+from pipeline.errors import PipelineError
+
+METHODS = ("orthogonal", "norm_preserving")
+DIRECTION_SOURCES = ("own", "best")
+HEADER = (
+    "# ablation plan written by the select stage; python -m pipeline.regen recomputes committed ones\n"
+    "# layer numbers are 0-based decoder layers\n"
+)
+
+_TOP_LEVEL = {
+    "model": str,
+    "model_fingerprint": str,
+    "hidden_size": int,
+    "num_layers": int,
+    "source_measurement": str,
+    "mode": str,
+    "thresholds": dict,
+    "method": str,
+    "direction_source": str,
+    "layers": list,
+}
+_THRESHOLDS = {"min_quality": float, "top_n": int, "relative_min": float, "skip_first": float, "skip_last": float}
+_LAYER_REQUIRED = {"layer": int, "direction_from": int, "scale": float}
+_LAYER_OPTIONAL = {"quality": float}
+"""`quality` is informational: select always writes it, a hand-edited plan may drop it."""
+
+
+class _NotAPlan(Exception):
+    """Internal: what is wrong with a plan; `validate_plan` turns it into a PipelineError naming the file."""
+
+
+def _typed(value: Any, kind: type, where: str) -> Any:
+    if kind is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise _NotAPlan(f"{where} must be an integer, got {value!r}")
+        return value
+    if kind is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise _NotAPlan(f"{where} must be a finite number, got {value!r}")
+        return float(value)
+    if not isinstance(value, kind):
+        raise _NotAPlan(f"{where} must be a {kind.__name__}, got {value!r}")
+    return value
+
+
+def _fields(mapping: Any, required: Mapping[str, type], optional: Mapping[str, type], where: str) -> dict:
+    if not isinstance(mapping, dict):
+        raise _NotAPlan(f"{where} must be a mapping, got {mapping!r}")
+    missing = [key for key in required if key not in mapping]
+    unknown = sorted(str(key) for key in mapping if key not in required and key not in optional)
+    if missing:
+        raise _NotAPlan(f"{where} is missing {', '.join(missing)}")
+    if unknown:
+        raise _NotAPlan(f"{where} has unknown key {', '.join(unknown)}")
+    kinds = {**required, **optional}
+    return {key: _typed(value, kinds[key], f"{where}.{key}" if where != "plan" else key) for key, value in mapping.items()}
+
+
+def _normalized(plan: Any) -> dict:
+    """A checked copy of `plan` with plain types and layers sorted by layer number."""
+    plan = _fields(plan, _TOP_LEVEL, {}, "plan")
+    plan["thresholds"] = _fields(plan["thresholds"], _THRESHOLDS, {}, "thresholds")
+    if plan["method"] not in METHODS:
+        raise _NotAPlan(f"method must be one of {', '.join(METHODS)}, got {plan['method']!r}")
+    if plan["direction_source"] not in DIRECTION_SOURCES:
+        raise _NotAPlan(f"direction_source must be one of {', '.join(DIRECTION_SOURCES)}, got {plan['direction_source']!r}")
+    if plan["hidden_size"] < 1 or plan["num_layers"] < 1:
+        raise _NotAPlan("hidden_size and num_layers must be >= 1")
+    if not plan["layers"]:
+        raise _NotAPlan("layers is empty; a plan must ablate at least one layer")
+    layers = [_fields(entry, _LAYER_REQUIRED, _LAYER_OPTIONAL, f"layers[{i}]") for i, entry in enumerate(plan["layers"])]
+    numbers = [entry["layer"] for entry in layers]
+    if len(set(numbers)) != len(numbers):
+        raise _NotAPlan(f"layers lists a layer twice: {sorted(numbers)}")
+    for entry in layers:
+        for key in ("layer", "direction_from"):
+            if not 0 <= entry[key] < plan["num_layers"]:
+                raise _NotAPlan(f"{key} {entry[key]} is outside 0..{plan['num_layers'] - 1}")
+    if plan["direction_source"] == "own" and any(e["layer"] != e["direction_from"] for e in layers):
+        raise _NotAPlan("direction_source is own but a layer takes its direction from another layer")
+    if plan["direction_source"] == "best" and len({e["direction_from"] for e in layers}) != 1:
+        raise _NotAPlan("direction_source is best but the layers take directions from different layers")
+    plan["layers"] = sorted(layers, key=lambda entry: entry["layer"])
+    return plan
+
+
+def validate_plan(plan: Any, source: str) -> dict:
+    """Check a plan's keys, types and layer numbers; returns a normalized copy or raises PipelineError."""
+    try:
+        return _normalized(plan)
+    except _NotAPlan as problem:
+        raise PipelineError(f"{source} is not an ablation plan: {problem}") from None
+
+
+def _scalar(value: Any) -> str:
+    if isinstance(value, str):
+        return json.dumps(value)  # a JSON string is a YAML double-quoted scalar: no surprises like `yes`
+    if isinstance(value, int):
+        return str(value)
+    return f"{value:.6f}"
+
+
+def plan_to_text(plan: Mapping[str, Any]) -> str:
+    """The plan as deterministic YAML text: sorted keys, `%.6f` floats, one flow mapping per layer."""
+    return _render(validate_plan(dict(plan), "plan"))
+
+
+def _render(plan: dict) -> str:
+    lines = [HEADER.rstrip("\n")]
+    for key in sorted(plan):
+        value = plan[key]
+        if key == "thresholds":
+            lines.append(f"{key}:")
+            lines.extend(f"  {name}: {_scalar(value[name])}" for name in sorted(value))
+        elif key == "layers":
+            lines.append(f"{key}:")
+            for entry in value:
+                fields = ", ".join(f"{name}: {_scalar(entry[name])}" for name in sorted(entry))
+                lines.append(f"- {{{fields}}}")
+        else:
+            lines.append(f"{key}: {_scalar(value)}")
+    return "\n".join(lines) + "\n"
+
+
+def write_plan(path: Path, plan: Mapping[str, Any]) -> None:
+    """Write `plan` to `path` as `plan_to_text` renders it (never an invalid or empty plan)."""
+    text = _render(validate_plan(dict(plan), f"the plan for {path}"))
+    Path(path).write_text(text, encoding="utf-8")
+
+
+def read_plan(path: Path) -> dict:
+    """Load and validate an `ablation.yaml`; a PipelineError names the file when it is not a plan."""
+    path = Path(path)
+    try:
+        loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except OSError as error:
+        raise PipelineError(f"cannot read plan {path}: {error.strerror}; check the path") from None
+    except yaml.YAMLError as error:
+        first_line = str(error).splitlines()[0]
+        raise PipelineError(f"{path} is not an ablation plan: invalid YAML ({first_line})") from None
+    return validate_plan(loaded, str(path))
+
+
+def check_measurement_matches(meta: Mapping[str, str], hidden_size: int, num_layers: int, source: str) -> None:
+    """Refuse a measurement taken on a model of another shape than the one it is applied to."""
+    try:
+        measured_hidden, measured_layers = int(meta["hidden_size"]), int(meta["num_layers"])
+    except (KeyError, ValueError):
+        raise PipelineError(
+            f"measurement {source} has no valid hidden_size/num_layers metadata; re-run the measure stage"
+        ) from None
+    fix = "measure this model instead of reusing that measurement"
+    if measured_hidden != hidden_size:
+        raise PipelineError(
+            f"measurement {source} is from a model with hidden size {measured_hidden}, "
+            f"this model has {hidden_size}; {fix}"
+        )
+    if measured_layers != num_layers:
+        raise PipelineError(
+            f"measurement {source} is from a model with {measured_layers} layers, this model has {num_layers}; {fix}"
+        )

@@ -1,0 +1,299 @@
+"""Load the harmful/harmless prompt sets and split them into train and eval.
+
+The refusal direction is the difference of mean activations over two prompt
+sets, and the evaluate stage judges the ablated model on prompts it never saw.
+So this module has two jobs: turn a `prompts.<side>` spec (shipped file, local
+file or Hugging Face dataset) into a hashed tuple of texts, and split it into
+disjoint train/eval lists that depend only on (content hash, seed, sizes), so
+a cached `collect` artifact and a later `evaluate` run agree on the split.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import os
+import random
+import re
+from dataclasses import dataclass
+from importlib.resources import files
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+from hydra.core.hydra_config import HydraConfig
+from hydra.utils import to_absolute_path
+
+from pipeline.errors import PipelineError
+
+PKG_PREFIX = "pkg:"
+HF_PREFIX = "hf:"
+DEFAULT_FIELD = "text"
+DEFAULT_HF_SPLIT = "train"
+SUPPORTED_EXTENSIONS = (".txt", ".jsonl", ".json", ".csv", ".parquet")
+_FALLBACK_HINT = "use prompts=default (the shipped sets) or a local file"
+
+
+@dataclass(frozen=True)
+class PromptSet:
+    """The prompts of one class, plus the hash that keys caches and splits."""
+
+    texts: tuple[str, ...]
+    sha256: str
+    """sha256 of the file bytes; for a Hugging Face dataset, of the texts joined by newlines."""
+    source: str
+    """Where the texts came from, as shown in error messages (resolved path, pkg: or hf: spec)."""
+
+
+@dataclass(frozen=True)
+class PromptSplits:
+    """Train prompts feed collect/measure; eval prompts are held out for evaluate."""
+
+    harmful_train: list[str]
+    harmful_eval: list[str]
+    harmless_train: list[str]
+    harmless_eval: list[str]
+    hashes: dict[str, str]
+    """{"harmful": sha256, "harmless": sha256}: recorded in manifests and cache keys."""
+
+
+def normalize_prompt(text: str) -> str:
+    """Lowercase, turn every run of non-alphanumerics into one space, trim.
+
+    Two prompts that differ only in case, punctuation or spacing count as the
+    same prompt, both for deduplication and for the train/eval leak check.
+    """
+    return re.sub(r"[\W_]+", " ", text.lower()).strip()
+
+
+def load_prompt_set(spec: Mapping[str, Any]) -> PromptSet:
+    """Load one prompt set from a `prompts.<side>` spec.
+
+    Keys: `source` (`pkg:<path in the pipeline package>`, `hf:<dataset>`, or an
+    absolute or relative file path), `field` (column of jsonl/json/csv/parquet/hf
+    rows; null means "text"; ignored for .txt and for JSON lists of strings),
+    `split` (hf split, null means "train") and optional `subset` (hf config name).
+    Repeated prompts (after `normalize_prompt`) are dropped, keeping the first,
+    so a duplicated row can never land in both train and eval.
+    """
+    source = spec.get("source")
+    if not isinstance(source, str) or not source.strip():
+        raise PipelineError(f"prompt spec {dict(spec)!r} has no source; set source to a file path, pkg:... or hf:...")
+    field = spec.get("field") or DEFAULT_FIELD
+    if source.startswith(HF_PREFIX):
+        name = source[len(HF_PREFIX):]
+        texts = _load_hf(name, spec.get("subset"), spec.get("split") or DEFAULT_HF_SPLIT, field)
+        texts = _deduplicate(texts)
+        digest = hashlib.sha256("\n".join(texts).encode("utf-8")).hexdigest()
+        return PromptSet(texts=texts, sha256=digest, source=source)
+    label, data = _read_source_bytes(source)
+    texts = _deduplicate(_parse(label, data, field))
+    if not texts:
+        raise PipelineError(f"prompt file {label} contains no prompts; add one prompt per line/row or pick another file")
+    return PromptSet(texts=texts, sha256=hashlib.sha256(data).hexdigest(), source=label)
+
+
+def split_prompts(prompt_set: PromptSet, seed: int, n_train: int, n_eval: int) -> tuple[list[str], list[str]]:
+    """Shuffle with a generator seeded by (content hash, seed); train is the head, eval the next slice.
+
+    A pure function of its inputs: editing the file or changing the seed gives a
+    new split, rerunning gives the same one. Disjoint because the slices do not overlap.
+    """
+    if n_train < 1 or n_eval < 1:
+        raise PipelineError(
+            f"n_train={n_train} and n_eval={n_eval} for {prompt_set.source} must both be >= 1; "
+            "set prompts.n_train and prompts.n_eval to positive numbers"
+        )
+    needed = n_train + n_eval
+    if len(prompt_set.texts) < needed:
+        raise PipelineError(
+            f"{prompt_set.source} has {len(prompt_set.texts)} distinct prompts but n_train + n_eval = {needed}; "
+            "lower prompts.n_train/prompts.n_eval or use a larger prompt set"
+        )
+    order = list(range(len(prompt_set.texts)))
+    random.Random(f"{prompt_set.sha256}:{seed}").shuffle(order)
+    train = [prompt_set.texts[i] for i in order[:n_train]]
+    held_out = [prompt_set.texts[i] for i in order[n_train:needed]]
+    return train, held_out
+
+
+def prompt_splits(prompts_cfg: Mapping[str, Any]) -> PromptSplits:
+    """Load and split both classes of the resolved `prompts` config group."""
+    seed, n_train, n_eval = int(prompts_cfg["seed"]), int(prompts_cfg["n_train"]), int(prompts_cfg["n_eval"])
+    harmful = load_prompt_set(prompts_cfg["harmful"])
+    harmless = load_prompt_set(prompts_cfg["harmless"])
+    harmful_train, harmful_eval = split_prompts(harmful, seed, n_train, n_eval)
+    harmless_train, harmless_eval = split_prompts(harmless, seed, n_train, n_eval)
+    return PromptSplits(
+        harmful_train=harmful_train,
+        harmful_eval=harmful_eval,
+        harmless_train=harmless_train,
+        harmless_eval=harmless_eval,
+        hashes={"harmful": harmful.sha256, "harmless": harmless.sha256},
+    )
+
+
+def check_disjoint(train: Sequence[str], eval: Sequence[str], what: str) -> None:
+    """Refuse to evaluate on prompts the direction was measured on (compared after `normalize_prompt`)."""
+    seen = {normalize_prompt(text) for text in train}
+    leaked = [text for text in eval if normalize_prompt(text) in seen]
+    if leaked:
+        raise PipelineError(
+            f"{what}: {len(leaked)} eval prompt(s) also appear in train, e.g. {leaked[0]!r}; "
+            "rerun collect so train and eval come from the same split"
+        )
+
+
+def _deduplicate(texts: Sequence[str]) -> tuple[str, ...]:
+    """Keep the first occurrence of each normalized prompt."""
+    seen: set[str] = set()
+    kept = []
+    for text in texts:
+        key = normalize_prompt(text)
+        if key not in seen:
+            seen.add(key)
+            kept.append(text)
+    return tuple(kept)
+
+
+def _read_source_bytes(source: str) -> tuple[str, bytes]:
+    """Resolve a pkg: or path source and read it; returns (label for messages, bytes)."""
+    if source.startswith(PKG_PREFIX):
+        label, resource = source, files("pipeline").joinpath(source[len(PKG_PREFIX):])
+    else:
+        path = Path(source).expanduser()
+        if not path.is_absolute():
+            # Relative to where the command was started, not Hydra's run directory.
+            path = Path(to_absolute_path(source)) if HydraConfig.initialized() else Path(os.getcwd()) / path
+        label, resource = str(path), path
+    extension = Path(label).suffix.lower()
+    if extension not in SUPPORTED_EXTENSIONS:
+        raise PipelineError(
+            f"prompt file {label} has unsupported extension {extension or '(none)'!r}; "
+            f"use one of {', '.join(SUPPORTED_EXTENSIONS)}"
+        )
+    try:
+        return label, resource.read_bytes()
+    except FileNotFoundError:
+        raise PipelineError(f"prompt file {label} does not exist; fix the path in prompts.*.source or {_FALLBACK_HINT}") from None
+    except PermissionError:
+        raise PipelineError(f"prompt file {label} is not readable (permission denied); fix its permissions") from None
+    except OSError as error:
+        raise PipelineError(f"prompt file {label} could not be read ({error.strerror or error}); point source at a regular file") from None
+
+
+def _parse(label: str, data: bytes, field: str) -> list[str]:
+    """Dispatch on the extension; every parser returns stripped, non-blank strings."""
+    extension = Path(label).suffix.lower()
+    if extension == ".parquet":
+        return _parse_parquet(label, data, field)
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as error:
+        raise PipelineError(f"prompt file {label} is not UTF-8 (byte {error.start}); re-save it as UTF-8") from None
+    if extension == ".txt":
+        return _clean(text.split("\n"), label)
+    if extension == ".jsonl":
+        rows = []
+        for number, line in enumerate(text.split("\n"), start=1):
+            if line.strip():
+                rows.append(_json_value(label, line, f"line {number}"))
+        return _rows_to_texts(label, rows, field)
+    if extension == ".json":
+        rows = _json_value(label, text, "document") if text.strip() else []
+        if not isinstance(rows, list):
+            raise PipelineError(f"prompt file {label} must hold a JSON list of strings or objects, not {type(rows).__name__}")
+        return _rows_to_texts(label, rows, field)
+    return _parse_csv(label, text, field)
+
+
+def _json_value(label: str, text: str, where: str) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as error:
+        raise PipelineError(f"prompt file {label}: invalid JSON at {where} ({error.msg}); fix the file") from None
+
+
+def _rows_to_texts(label: str, rows: list[Any], field: str) -> list[str]:
+    """Rows are bare strings or objects holding `field`."""
+    values = []
+    for number, row in enumerate(rows, start=1):
+        if isinstance(row, str):
+            values.append(row)
+        elif isinstance(row, dict):
+            if field not in row:
+                raise _missing_field(label, field, list(row), f"row {number}")
+            values.append(row[field])
+        else:
+            raise PipelineError(f"prompt file {label}: row {number} is {type(row).__name__}, expected a string or an object")
+    return _clean(values, label)
+
+
+def _parse_csv(label: str, text: str, field: str) -> list[str]:
+    reader = csv.DictReader(io.StringIO(text, newline=""))
+    columns = reader.fieldnames or []
+    if not columns:
+        return []
+    if field not in columns:
+        raise _missing_field(label, field, columns, "header")
+    return _clean([row[field] for row in reader], label)
+
+
+def _parse_parquet(label: str, data: bytes, field: str) -> list[str]:
+    import pyarrow as pa  # deferred: pyarrow is heavy and only parquet/hf sources need it
+    import pyarrow.parquet as pq
+
+    try:
+        table = pq.read_table(pa.BufferReader(data))
+    except pa.ArrowException as error:
+        raise PipelineError(f"prompt file {label} is not a readable parquet file ({_first_line(error)}); re-export it") from None
+    if field not in table.column_names:
+        raise _missing_field(label, field, table.column_names, "schema")
+    return _clean(table.column(field).to_pylist(), label)
+
+
+def _load_hf(name: str, subset: str | None, split: str, field: str) -> list[str]:
+    """Load a Hugging Face dataset through `datasets`, which uses its local cache when offline."""
+    import datasets  # deferred: importing datasets takes seconds and most runs use local files
+
+    label = f"hf:{name}" + (f" (subset {subset})" if subset else "") + f" split {split}"
+    try:
+        dataset = datasets.load_dataset(name, subset, split=split) if subset else datasets.load_dataset(name, split=split)
+    except OSError:
+        # ConnectionError, DatasetNotFoundError and LocalEntryNotFoundError are all OSErrors.
+        raise PipelineError(
+            f"dataset {name} could not be reached offline or was not found in the local Hugging Face cache; "
+            f"{_FALLBACK_HINT}"
+        ) from None
+    except ValueError as error:
+        raise PipelineError(f"dataset {label} could not be loaded ({_first_line(error)}); fix prompts.*.subset/split") from None
+    if field not in dataset.column_names:
+        raise _missing_field(label, field, dataset.column_names, "dataset")
+    texts = _clean(dataset[field], label)
+    if not texts:
+        raise PipelineError(f"dataset {label} column {field!r} holds no prompts; pick another column or dataset")
+    return texts
+
+
+def _first_line(error: Exception) -> str:
+    """PipelineError messages are one line; library errors sometimes are not."""
+    return (str(error).splitlines() or [type(error).__name__])[0]
+
+
+def _missing_field(label: str, field: str, present: Sequence[str], where: str) -> PipelineError:
+    return PipelineError(
+        f"prompt source {label} has no column {field!r} ({where} has: {', '.join(map(str, present)) or 'nothing'}); "
+        "set prompts.*.field to one of those"
+    )
+
+
+def _clean(values: Sequence[Any], label: str) -> list[str]:
+    """Strip each prompt and skip blanks; anything that is not a string is an error, not a silent str()."""
+    texts = []
+    for number, value in enumerate(values, start=1):
+        if not isinstance(value, str):
+            raise PipelineError(f"prompt source {label}: entry {number} is {type(value).__name__}, expected text; fix the data")
+        if value.strip():
+            texts.append(value.strip())
+    return texts

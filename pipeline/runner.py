@@ -1,0 +1,231 @@
+"""The runner: stage order, cache keys, skip-or-run, atomic artifacts, run.json.
+
+Stages stay pure; everything about *whether* and *where* a stage runs lives
+here. A stage's cache key is the sha256 of the canonical JSON of
+(name, version, its config slice, its upstream keys, digests of external
+inputs it declares). Its artifact is `<cache.dir>/<stage>/<key>/`, complete
+exactly when `manifest.json` verifies.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import logging
+import os
+import resource
+import subprocess
+import sys
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+from filelock import FileLock
+from omegaconf import DictConfig, OmegaConf
+
+from pipeline import artifacts
+from pipeline.errors import PipelineError
+from pipeline.stage import Stage, StageContext
+
+log = logging.getLogger(__name__)
+
+# Config fields that cannot change a stage's artifact beyond float round-off: how work is batched and
+# where tensors are placed. They are dropped before hashing so a user may change them without losing
+# the cache. This is the one reviewed list; add to it only what is provably content-neutral.
+NON_SEMANTIC_KEYS = frozenset(
+    {
+        "collect.batch_size",
+        "eval.batch_size",
+        "model.device_map",
+        "model.max_memory",
+        "model.offload_folder",
+    }
+)
+LIBRARIES = ("torch", "transformers", "accelerate", "safetensors", "hydra-core", "omegaconf", "datasets")
+KEY_LENGTH = 16
+
+
+@dataclass(frozen=True)
+class StageResult:
+    key: str
+    dir: Path
+    cached: bool
+    seconds: float
+
+
+def config_slice(cfg: DictConfig, keys: Sequence[str]) -> dict[str, Any]:
+    """{dotted key: resolved plain value}; a missing key is a programming error in the stage."""
+    values = {}
+    for key in keys:
+        node = OmegaConf.select(cfg, key, throw_on_missing=True)
+        values[key] = OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else node
+    return values
+
+
+def hashed_slice(values: Mapping[str, Any]) -> dict[str, Any]:
+    """The part of a config slice that goes into the key: non-semantic fields removed."""
+
+    def strip(prefix: str, value: Any) -> Any:
+        if isinstance(value, dict):
+            return {k: strip(f"{prefix}.{k}", v) for k, v in value.items() if f"{prefix}.{k}" not in NON_SEMANTIC_KEYS}
+        return value
+
+    return {key: strip(key, value) for key, value in values.items() if key not in NON_SEMANTIC_KEYS}
+
+
+def cache_key(stage: Stage, values: Mapping[str, Any], upstream: Mapping[str, str], digests: Mapping[str, str]) -> str:
+    payload = {
+        "stage": stage.name,
+        "version": stage.version,
+        "config": hashed_slice(values),
+        "upstream": dict(upstream),
+        "inputs": dict(digests),
+    }
+    return artifacts.sha256_text(artifacts.canonical_json(payload))[:KEY_LENGTH]
+
+
+def execution_order(registry: Mapping[str, Stage], requested: Sequence[str]) -> list[str]:
+    """Requested stages plus everything they need, upstream first, in registry order."""
+    unknown = [name for name in requested if name not in registry]
+    if unknown:
+        raise PipelineError(
+            f"unknown stage {unknown[0]!r} in run.stages; choose from {', '.join(registry)}"
+        )
+    needed: set[str] = set()
+
+    def visit(name: str) -> None:
+        if name not in needed:
+            needed.add(name)
+            for upstream in registry[name].needs:
+                visit(upstream)
+
+    for name in requested:
+        visit(name)
+    return [name for name in registry if name in needed]
+
+
+class Runner:
+    """Runs stages for one composed config against one shared cache directory."""
+
+    def __init__(self, cfg: DictConfig, registry: Mapping[str, Stage], cache_dir: Path, model_store: Path):
+        self.cfg = cfg
+        self.registry = registry
+        self.cache_dir = cache_dir
+        self.model_store = model_store
+        self.results: dict[str, StageResult] = {}
+
+    def run(self, requested: Sequence[str], force: Sequence[str] = ()) -> dict[str, StageResult]:
+        unknown = [name for name in force if name not in self.registry]
+        if unknown:
+            raise PipelineError(f"unknown stage {unknown[0]!r} in run.force; choose from {', '.join(self.registry)}")
+        for name in execution_order(self.registry, requested):
+            self.results[name] = self._ensure(self.registry[name], force=name in force)
+        return self.results
+
+    def key_for(self, stage: Stage) -> tuple[str, dict[str, Any], dict[str, str]]:
+        values = config_slice(self.cfg, stage.config_keys)
+        digests = dict(stage.input_digest(values, self.model_store)) if stage.input_digest else {}
+        upstream = {name: self.results[name].key for name in stage.needs}
+        return cache_key(stage, values, upstream, digests), values, digests
+
+    def _ensure(self, stage: Stage, force: bool) -> StageResult:
+        key, values, digests = self.key_for(stage)
+        final = self.cache_dir / stage.name / key
+        if not force and self._usable(final, stage.name):
+            log.info("%s: cached %s", stage.name, final)
+            return StageResult(key, final, True, 0.0)
+        final.parent.mkdir(parents=True, exist_ok=True)
+        with FileLock(str(final.parent / f".{key}.lock")):
+            # Another job may have finished this key while we waited for the lock.
+            if not force and self._usable(final, stage.name):
+                return StageResult(key, final, True, 0.0)
+            self._remove_stale_temporaries(final)
+            return self._compute(stage, key, values, digests, final)
+
+    def _usable(self, directory: Path, name: str) -> bool:
+        if not directory.exists():
+            return False
+        ok, why = artifacts.verify(directory)
+        if not ok:
+            log.warning("%s: cached artifact %s is not usable (%s); recomputing", name, directory, why)
+        return ok
+
+    @staticmethod
+    def _remove_stale_temporaries(final: Path) -> None:
+        """Temp dirs for this key belong to killed runs: we hold the key's lock, so nobody live writes them."""
+        for stale in final.parent.glob(f".tmp-{final.name}-*"):
+            artifacts.remove_tree(stale)
+
+    def _compute(self, stage: Stage, key: str, values: dict, digests: dict, final: Path) -> StageResult:
+        tmp = final.parent / f".tmp-{key}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        tmp.mkdir()
+        started = time.perf_counter()
+        context = StageContext(
+            config=values,
+            out_dir=tmp,
+            inputs={name: self.results[name].dir for name in stage.needs},
+            model_store=self.model_store,
+            seed=int(self.cfg.run.seed),
+            progress=bool(self.cfg.run.progress),
+        )
+        log.info("%s: computing %s", stage.name, key)
+        try:
+            stage.run(context)
+            seconds = time.perf_counter() - started
+            artifacts.write_manifest(
+                tmp,
+                {
+                    "stage": stage.name,
+                    "version": stage.version,
+                    "key": key,
+                    "config": values,
+                    "upstream": {name: self.results[name].key for name in stage.needs},
+                    "inputs": digests,
+                    "seconds": round(seconds, 3),
+                    "peak_rss_mb": round(peak_rss_mb(), 1),
+                    "libraries": library_versions(),
+                    "python": sys.version.split()[0],
+                    "code_commit": code_commit(),
+                    "seed": context.seed,
+                    **context.manifest_extra,
+                },
+            )
+            if final.exists():  # an invalid leftover (corrupt or forced): replace it
+                artifacts.remove_tree(final)
+            os.replace(tmp, final)
+        except OSError as error:
+            raise PipelineError(f"{stage.name}: could not write the artifact ({error.strerror}: {error.filename or tmp})") from error
+        finally:
+            artifacts.remove_tree(tmp)
+        return StageResult(key, final, False, seconds)
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process so far (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def library_versions() -> dict[str, str]:
+    versions = {}
+    for name in LIBRARIES:
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            versions[name] = "absent"
+    return versions
+
+
+def code_commit() -> str:
+    """The git commit of the pipeline code (with a +dirty mark), or "unknown" outside a checkout."""
+    here = Path(__file__).resolve().parent
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=5, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--", "."], cwd=here, capture_output=True, text=True, timeout=5
+        ).stdout.strip()
+        return commit + ("+dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"

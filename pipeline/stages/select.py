@@ -1,0 +1,212 @@
+"""The select stage: choose the layers to ablate from a measurement, and write the plan.
+
+Layers are ranked by signal quality (best first, ties to the lower layer),
+restricted to a depth window, and kept while their quality clears both the
+absolute floor `mode.min_quality` and `select.relative_min` times the best
+quality in the window; at most `mode.top_n` are kept. The same function
+serves the stage and `python -m pipeline.regen`, so a committed plan is
+exactly what the stage would write.
+
+Selection never writes an empty plan: when nothing qualifies it fails with
+the best qualities it saw and the override that would select them.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Mapping, Sequence
+
+from pipeline.errors import PipelineError
+from pipeline.plan import DIRECTION_SOURCES, METHODS, write_plan
+from pipeline.stage import Stage, StageContext
+from pipeline.stages.measure import Measurements, layers_by_quality, plot_quality, read_measurements
+
+MODE_KEYS = ("name", "min_quality", "top_n")
+MODE_IGNORED = ("presets",)
+"""The mode group's per-kind presets have already been resolved into min_quality/top_n."""
+SELECT_KEYS = ("relative_min", "skip_first", "skip_last", "direction_from", "scale", "method")
+
+
+@dataclass(frozen=True)
+class SelectionSettings:
+    """The effective mode and select settings, validated by `settings_from_config`."""
+
+    mode: str
+    min_quality: float
+    top_n: int
+    relative_min: float
+    skip_first: float
+    skip_last: float
+    direction_from: str
+    scale: float
+    method: str
+
+
+def _number(value: Any, key: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise PipelineError(f"{key} must be a finite number, got {value!r}")
+    return float(value)
+
+
+def _section(config: Mapping[str, Any], name: str, keys: Sequence[str], ignored: Sequence[str]) -> Mapping[str, Any]:
+    section = config.get(name)
+    if not isinstance(section, Mapping):
+        raise PipelineError(f"config has no {name} section; add {name}: with keys {', '.join(keys)}")
+    missing = [key for key in keys if key not in section]
+    unknown = sorted(str(key) for key in section if key not in keys and key not in ignored)
+    if missing:
+        raise PipelineError(f"{name} is missing {', '.join(f'{name}.{key}' for key in missing)}")
+    if unknown:
+        raise PipelineError(f"{name} has unknown key {', '.join(f'{name}.{key}' for key in unknown)}; remove it")
+    return section
+
+
+def _settings(config: Mapping[str, Any]) -> SelectionSettings:
+    mode = _section(config, "mode", MODE_KEYS, MODE_IGNORED)
+    select = _section(config, "select", SELECT_KEYS, ())
+    top_n = mode["top_n"]
+    if isinstance(top_n, bool) or not isinstance(top_n, int):
+        raise PipelineError(f"mode.top_n must be an integer, got {top_n!r}")
+    if top_n < 1:
+        raise PipelineError(f"mode.top_n must be >= 1, got {top_n}")
+    min_quality = _number(mode["min_quality"], "mode.min_quality")
+    if min_quality < 0:
+        raise PipelineError(f"mode.min_quality must be >= 0, got {mode['min_quality']}")
+    relative_min = _number(select["relative_min"], "select.relative_min")
+    if not 0 <= relative_min <= 1:
+        raise PipelineError(f"select.relative_min must be within [0, 1], got {select['relative_min']}")
+    for key in ("skip_first", "skip_last"):
+        if not 0 <= _number(select[key], f"select.{key}") < 1:
+            raise PipelineError(f"select.{key} must be within [0, 1), got {select[key]}")
+    if select["direction_from"] not in DIRECTION_SOURCES:
+        raise PipelineError(
+            f"select.direction_from must be one of {', '.join(DIRECTION_SOURCES)}, got {select['direction_from']!r}"
+        )
+    if select["method"] not in METHODS:
+        raise PipelineError(f"select.method must be one of {', '.join(METHODS)}, got {select['method']!r}")
+    if not isinstance(mode["name"], str):
+        raise PipelineError(f"mode.name must be a string, got {mode['name']!r}")
+    return SelectionSettings(
+        mode=mode["name"],
+        min_quality=min_quality,
+        top_n=top_n,
+        relative_min=relative_min,
+        skip_first=float(select["skip_first"]),
+        skip_last=float(select["skip_last"]),
+        direction_from=select["direction_from"],
+        scale=_number(select["scale"], "select.scale"),
+        method=select["method"],
+    )
+
+
+def settings_from_config(config: Mapping[str, Any], source: str | None = None) -> SelectionSettings:
+    """Validated settings from `{mode: {name, min_quality, top_n}, select: {...}}`.
+
+    That is both the stage's config slice and the content of a committed
+    `select.yaml`; `source` names the file in error messages.
+    """
+    try:
+        return _settings(config)
+    except PipelineError as error:
+        if source is None:
+            raise
+        raise PipelineError(f"{source}: {error}") from None
+
+
+def depth_window(num_layers: int, settings: SelectionSettings) -> range:
+    """The layers selection may choose: floor(skip_first*L) first and floor(skip_last*L) last layers excluded."""
+    # The epsilon keeps 0.29 * 100 (= 28.999999999999996) from losing a layer to float rounding.
+    first = math.floor(settings.skip_first * num_layers + 1e-9)
+    last = math.floor(settings.skip_last * num_layers + 1e-9)
+    if first + last >= num_layers:
+        raise PipelineError(
+            f"select.skip_first={settings.skip_first:g} and select.skip_last={settings.skip_last:g} exclude "
+            f"all {num_layers} layers ({first} first, {last} last); lower them"
+        )
+    return range(first, num_layers - last)
+
+
+def _round_down_one_digit(value: float) -> str:
+    """The largest one-significant-digit number <= value, as text: 0.0093 -> '0.009'."""
+    exponent = math.floor(math.log10(value))
+    step = 10.0**exponent
+    digit = math.floor(round(value / step, 9))
+    return f"{digit * step:.{max(0, -exponent)}f}"
+
+
+def _nothing_qualifies(quality: Sequence[float], candidates: Sequence[int], window: range, settings: SelectionSettings) -> PipelineError:
+    where = "no layer" if len(window) == len(quality) else f"no layer in {window.start}..{window.stop - 1}"
+    best = quality[candidates[0]]
+    if best <= 0:
+        return PipelineError(
+            f"{where} separates harmful from harmless activations (all qualities are 0); check the prompt sets"
+        )
+    shown = ", ".join(f"layer {layer} {quality[layer]:.4g}" for layer in candidates[:3])
+    return PipelineError(
+        f"{where} has quality >= {settings.min_quality:g} (best: {shown}); "
+        f"try mode.min_quality={_round_down_one_digit(best)}"
+    )
+
+
+def select_layers(quality: Sequence[float], settings: SelectionSettings) -> list[int]:
+    """The chosen layers, best first. Raises PipelineError rather than return an empty list.
+
+    A layer of quality 0 has no direction (its class means coincide), so it is
+    never chosen, even with `mode.min_quality=0`.
+    """
+    window = depth_window(len(quality), settings)
+    candidates = [layer for layer in layers_by_quality(quality) if layer in window]
+    floor = max(settings.min_quality, settings.relative_min * quality[candidates[0]])
+    chosen = [layer for layer in candidates if quality[layer] >= floor and quality[layer] > 0][: settings.top_n]
+    if not chosen:
+        raise _nothing_qualifies(quality, candidates, window, settings)
+    return chosen
+
+
+def build_plan(measurements: Measurements, settings: SelectionSettings, source_measurement: str) -> dict:
+    """The plan dict for `pipeline.plan.write_plan`: chosen layers sorted by layer number."""
+    quality = measurements.quality
+    chosen = select_layers(quality, settings)
+    return {
+        "model": measurements.meta["model_id"],
+        "model_fingerprint": measurements.meta["model_fingerprint"],
+        "hidden_size": int(measurements.meta["hidden_size"]),
+        "num_layers": int(measurements.meta["num_layers"]),
+        "source_measurement": source_measurement,
+        "mode": settings.mode,
+        "thresholds": {
+            "min_quality": settings.min_quality,
+            "top_n": settings.top_n,
+            "relative_min": settings.relative_min,
+            "skip_first": settings.skip_first,
+            "skip_last": settings.skip_last,
+        },
+        "method": settings.method,
+        "direction_source": settings.direction_from,
+        "layers": [
+            {
+                "layer": layer,
+                "direction_from": layer if settings.direction_from == "own" else chosen[0],
+                "scale": settings.scale,
+                "quality": quality[layer],
+            }
+            for layer in sorted(chosen)
+        ],
+    }
+
+
+def run(ctx: StageContext) -> None:
+    measure_dir = ctx.inputs["measure"]
+    measurements = read_measurements(measure_dir / "measurements.safetensors")
+    plan = build_plan(measurements, settings_from_config(ctx.config), source_measurement=measure_dir.name)
+    write_plan(ctx.out_dir / "ablation.yaml", plan)
+    plot_quality(
+        ctx.out_dir / "selection.png",
+        measurements.quality,
+        title=f"{plan['model']}: mode {plan['mode']}, selected in red",
+        selected=[entry["layer"] for entry in plan["layers"]],
+    )
+
+
+STAGE = Stage(name="select", version="1", needs=("measure",), config_keys=("mode", "select"), run=run)

@@ -1,0 +1,418 @@
+"""Removing a refusal direction from the tensors that write into the residual stream.
+
+Two edits, both applied column by column, where a "column" is one vector along
+the tensor's hidden axis (the vectors the tensor can add to the residual):
+
+* `orthogonalize`: W' = W - s * r (r^T W). With s=1 nothing the tensor writes
+  has a component along r; 0<s<1 shrinks that component to (1-s) of itself.
+* `norm_preserving`: the same removal, then each column is rescaled to its
+  original norm, so the layer's output magnitudes are kept. The caller passes
+  the *biprojected* direction for this method (see `directions_for_method`).
+
+All arithmetic runs in float32 whatever the storage dtype, and the result is
+cast back to the original dtype. Two ways to apply a plan:
+`apply_plan_in_memory` (evaluate / optimize trials, restorable) and
+`edit_checkpoint` (the ablate stage: streams safetensors shards to a new
+directory and never touches the source).
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import math
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator, Mapping, NoReturn
+
+import safetensors.torch
+import torch
+from safetensors import safe_open
+from torch import Tensor, nn
+from tqdm import tqdm
+
+from pipeline.architectures import (
+    Architecture,
+    Component,
+    Match,
+    Where,
+    get_architecture,
+    num_decoder_layers,
+    residual_writers,
+)
+from pipeline.errors import PipelineError
+
+METHODS = ("orthogonal", "norm_preserving")
+DIRECTION_TENSORS = {"orthogonal": "refusal_direction", "norm_preserving": "biprojected_direction"}
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf", ".msgpack", ".h5", ".npz")
+QUANTIZED_SUFFIXES = ("_blocks", "_scales", "weight_scale_inv", ".qweight", ".scales")
+WRITE_ERRNOS = {errno.ENOSPC, errno.EACCES, errno.EROFS, errno.EDQUOT, errno.EPERM}
+
+
+def _unit(direction: Tensor) -> Tensor:
+    direction = direction.detach().to(torch.float32).flatten()
+    norm = direction.norm()
+    if not torch.isfinite(norm) or norm == 0:
+        raise PipelineError("refusal direction is zero or not finite; re-run the measure stage")
+    return direction / norm
+
+
+def _edit(tensor: Tensor, direction: Tensor, scale: float, hidden_axis: int, keep_norms: bool) -> Tensor:
+    r = _unit(direction).to(tensor.device)
+    columns = tensor.detach().to(torch.float32).movedim(hidden_axis, -1)
+    if columns.shape[-1] != r.shape[0]:
+        raise PipelineError(
+            f"tensor axis {hidden_axis} has length {columns.shape[-1]} but the direction has {r.shape[0]}; "
+            "the measurements come from a different model"
+        )
+    edited = columns - scale * (columns @ r).unsqueeze(-1) * r
+    if keep_norms:
+        old_norms = columns.norm(dim=-1, keepdim=True)
+        new_norms = edited.norm(dim=-1, keepdim=True)
+        # A column lying exactly along r vanishes at s=1 and has no direction left to rescale: it stays zero.
+        edited = edited * torch.where(new_norms > 0, old_norms / new_norms, torch.zeros_like(new_norms))
+    return edited.movedim(-1, hidden_axis).to(tensor.dtype).contiguous()
+
+
+def orthogonalize(tensor: Tensor, direction: Tensor, scale: float, hidden_axis: int) -> Tensor:
+    """W' = W - s * r (r^T W) along `hidden_axis` (for a bias: b' = b - s * r (r^T b)); r is normalized here."""
+    return _edit(tensor, direction, scale, hidden_axis, keep_norms=False)
+
+
+def norm_preserving(tensor: Tensor, direction: Tensor, scale: float, hidden_axis: int) -> Tensor:
+    """column' = normalize(col - s * r (r^T col)) * ||col|| for every vector along `hidden_axis`.
+
+    `s` interpolates how much of the component along r is removed before the rescale: s=0 is the
+    identity, s=1 leaves r^T W' = 0 exactly with every column norm unchanged. Uses the direction it is
+    given; for this method the caller passes the biprojected direction.
+    """
+    return _edit(tensor, direction, scale, hidden_axis, keep_norms=True)
+
+
+EDITS: dict[str, Callable[[Tensor, Tensor, float, int], Tensor]] = {
+    "orthogonal": orthogonalize,
+    "norm_preserving": norm_preserving,
+}
+
+
+def direction_for(directions: Tensor, direction_from: float) -> Tensor:
+    """Unit float32 direction for a (possibly fractional) layer index into `directions` [num_layers, hidden].
+
+    12.4 blends rows 12 and 13 as 0.6 * d12 + 0.4 * d13, then renormalizes.
+    """
+    last = directions.shape[0] - 1
+    if not 0 <= direction_from <= last:
+        raise PipelineError(
+            f"direction_from {direction_from} is outside the measured layers 0-{last}; fix the plan or re-run measure"
+        )
+    low = math.floor(direction_from)
+    weight = direction_from - low
+    direction = directions[low].to(torch.float32)
+    if weight > 0:
+        direction = (1 - weight) * direction + weight * directions[low + 1].to(torch.float32)
+    return _unit(direction)
+
+
+def directions_for_method(measurements: Mapping[str, Tensor], method: str) -> Tensor:
+    """The [num_layers, hidden] direction table a method uses: refusal for orthogonal, biprojected for norm_preserving."""
+    if method not in METHODS:
+        raise PipelineError(f"unknown ablation method {method!r}; use one of: {', '.join(METHODS)}")
+    key = DIRECTION_TENSORS[method]
+    if key not in measurements:
+        raise PipelineError(f"measurements have no {key!r} tensor (needed by method {method}); re-run the measure stage")
+    return measurements[key]
+
+
+@dataclass(frozen=True)
+class LayerEdit:
+    """One planned layer, resolved: its unit direction and the scale per component."""
+
+    layer: int
+    direction: Tensor
+    scale: float
+    scales: Mapping[Component, float]
+
+
+@dataclass(frozen=True)
+class ResolvedPlan:
+    method: str
+    layers: Mapping[int, LayerEdit]
+    embed_direction: Tensor | None
+    embed_scale: float
+
+
+def resolve_plan(plan: Mapping[str, Any], directions: Tensor, num_layers: int, embed: bool = False) -> ResolvedPlan:
+    """Validate the plan against the model's layer count and turn it into per-layer edits.
+
+    With `embed`, the token embeddings are edited along the direction of the lowest planned layer
+    at that layer's `scale`.
+    """
+    method = plan.get("method")
+    if method not in METHODS:
+        raise PipelineError(f"plan method {method!r} is unknown; use one of: {', '.join(METHODS)}")
+    entries = plan.get("layers") or []
+    if not entries:
+        raise PipelineError("the plan lists no layers; re-run select or fix ablation.yaml")
+    layers: dict[int, LayerEdit] = {}
+    for entry in entries:
+        layer = int(entry["layer"])
+        if not 0 <= layer < num_layers:
+            raise PipelineError(
+                f"plan layer {layer} is out of range: the model has {num_layers} decoder layers (0-{num_layers - 1})"
+            )
+        if layer in layers:
+            raise PipelineError(f"plan lists layer {layer} twice; keep one entry per layer")
+        scale = float(entry["scale"])
+        layers[layer] = LayerEdit(
+            layer=layer,
+            direction=direction_for(directions, float(entry["direction_from"])),
+            scale=scale,
+            scales={
+                "attn": float(entry.get("attn_scale", scale)),
+                "mlp": float(entry.get("mlp_scale", scale)),
+            },
+        )
+    first = layers[min(layers)]
+    return ResolvedPlan(
+        method=method,
+        layers=layers,
+        embed_direction=first.direction if embed else None,
+        embed_scale=first.scale,
+    )
+
+
+def _edit_for(
+    arch: Architecture, name: str, tensor: Tensor, resolved: ResolvedPlan, num_layers: int, where: Where
+) -> tuple[Tensor, Match | None] | None:
+    """The edited tensor (and its match) when the plan touches `name`, else None."""
+    edit = EDITS[resolved.method]
+    if resolved.embed_direction is not None and name == arch.embed_names[where]:
+        return edit(tensor, resolved.embed_direction, resolved.embed_scale, 1), None
+    match = residual_writers(arch, name, num_layers, where)
+    if match is None or match.layer not in resolved.layers:
+        return None
+    layer = resolved.layers[match.layer]
+    return edit(tensor, layer.direction, layer.scales[match.component], match.hidden_axis), match
+
+
+def _check_coverage(resolved: ResolvedPlan, hits: set[tuple[int, str]], arch: Architecture, where: Where) -> None:
+    """Every planned layer must have edited both an attention and an MLP writer (and the embedding
+    when asked): a silent no-op would mean the table no longer matches the tensor names."""
+    model_type = arch.model_type
+    if resolved.embed_direction is not None and (-1, "embed") not in hits:
+        raise PipelineError(
+            f"no tensor named {arch.embed_names[where]} to edit for ablate.embed; "
+            "the checkpoint's tensor names differ from pipeline/architectures.py"
+        )
+    for layer in sorted(resolved.layers):
+        for component in ("attn", "mlp"):
+            if (layer, component) not in hits:
+                raise PipelineError(
+                    f"plan layer {layer}: no {component} tensor matched the {model_type} table in "
+                    "pipeline/architectures.py; the checkpoint's tensor names differ from the table"
+                )
+
+
+# --- in memory -------------------------------------------------------------------------------
+
+
+@dataclass
+class RestoreHandle:
+    """The original values of the parameters `apply_plan_in_memory` edited (kept on CPU)."""
+
+    originals: dict[str, tuple[nn.Parameter, Tensor]] = field(default_factory=dict)
+
+    @property
+    def edited(self) -> list[str]:
+        return sorted(self.originals)
+
+    @torch.no_grad()
+    def restore(self) -> None:
+        """Put back the exact original tensors (bit-identical); safe to call more than once."""
+        for parameter, original in self.originals.values():
+            parameter.data.copy_(original)
+
+
+@torch.no_grad()
+def apply_plan_in_memory(
+    model: nn.Module, plan: Mapping[str, Any], directions: Tensor, embed: bool = False
+) -> RestoreHandle:
+    """Edit the loaded model's parameters in place, as `edit_checkpoint` would edit its files.
+
+    `directions` is the [num_layers, hidden] table for the plan's method (`directions_for_method`).
+    Only the edited tensors are cloned (to CPU, so GPU memory is not doubled); `.restore()` undoes the edit.
+    """
+    config = model.config.to_dict()
+    arch = get_architecture(config["model_type"])
+    num_layers = num_decoder_layers(config)
+    resolved = resolve_plan(plan, directions, num_layers, embed)
+    handle = RestoreHandle()
+    hits: set[tuple[int, str]] = set()
+    for name, parameter in model.named_parameters():
+        result = _edit_for(arch, name, parameter, resolved, num_layers, "memory")
+        if result is None:
+            continue
+        if parameter.device.type == "meta":
+            raise PipelineError(
+                f"{name} is offloaded (meta device) and cannot be edited in memory; "
+                "load the model without disk offload or use the ablate stage"
+            )
+        edited, match = result
+        handle.originals[name] = (parameter, parameter.detach().to("cpu", copy=True))
+        parameter.data.copy_(edited)
+        hits.add((match.layer, match.component) if match is not None else (-1, "embed"))
+    _check_coverage(resolved, hits, arch, "memory")
+    return handle
+
+
+# --- on disk ---------------------------------------------------------------------------------
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as stream:
+        for block in iter(lambda: stream.read(1 << 23), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _weight_shards(source_dir: Path) -> tuple[list[str], str | None]:
+    """(shard file names, index file name or None) of a safetensors checkpoint directory."""
+    index = source_dir / "model.safetensors.index.json"
+    if index.is_file():
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        escaping = [shard for shard in shards if Path(shard).name != shard]
+        if escaping:
+            raise PipelineError(f"{index} names shard {escaping[0]!r} outside its directory; the index is corrupt")
+        return shards, index.name
+    if (source_dir / "model.safetensors").is_file():
+        return ["model.safetensors"], None
+    if any(path.suffix in (".bin", ".pt", ".pth") for path in source_dir.iterdir()):
+        raise PipelineError(
+            f"{source_dir} has only pickled .bin/.pt weights and we never unpickle; convert it to safetensors "
+            "(e.g. load it yourself and save_pretrained(..., safe_serialization=True)) or use the model's safetensors revision"
+        )
+    raise PipelineError(f"{source_dir} has no model.safetensors or model.safetensors.index.json; point model at a HF checkpoint")
+
+
+def _side_files(source_dir: Path) -> Iterator[Path]:
+    """Everything in the checkpoint that is not a weight file: config, tokenizer, chat template, license."""
+    for path in sorted(source_dir.rglob("*")):
+        relative = path.relative_to(source_dir)
+        if any(part.startswith(".") for part in relative.parts) or not path.is_file():
+            continue
+        if path.name.endswith(WEIGHT_SUFFIXES) or path.name == "model.safetensors.index.json":
+            continue
+        yield path
+
+
+def _reject_quantized(config: Mapping[str, Any], tensor_names: list[str]) -> None:
+    quantized = [name for name in tensor_names if name.endswith(QUANTIZED_SUFFIXES)]
+    if "quantization_config" in config or quantized:
+        example = quantized[0] if quantized else "config.json quantization_config"
+        raise PipelineError(
+            f"quantized experts not supported ({example}); use a bf16 dequantized checkpoint"
+        )
+
+
+def _tensor_names(source_dir: Path, shards: list[str]) -> list[str]:
+    names: list[str] = []
+    for shard in shards:
+        with safe_open(source_dir / shard, framework="pt") as reader:
+            names.extend(reader.keys())
+    return names
+
+
+def _model_card(plan: Mapping[str, Any], resolved: ResolvedPlan, source_dir: Path, arch: Architecture) -> str:
+    rows = "\n".join(
+        f"| {entry['layer']} | {entry['direction_from']} | {layer.scales['attn']:g} | {layer.scales['mlp']:g} |"
+        for entry in sorted(plan["layers"], key=lambda e: int(e["layer"]))
+        for layer in [resolved.layers[int(entry["layer"])]]
+    )
+    model = plan.get("model", str(source_dir))
+    embed = (
+        f"Token embeddings: edited along layer {min(resolved.layers)}'s direction (scale {resolved.embed_scale:g}).\n"
+        if resolved.embed_direction is not None
+        else "Token embeddings: unchanged.\n"
+    )
+    caveat = f"\nNote: {arch.note}.\n" if arch.note else ""
+    return (
+        f"---\nbase_model: {model}\ntags:\n- abliterated\n---\n\n"
+        f"# {model} (abliterated)\n\n"
+        f"Source: `{model}` read from `{source_dir}`.\n\n"
+        f"Method: `{resolved.method}`. Each listed decoder layer (0-based) had the refusal direction removed "
+        "from its attention output projection and its MLP down projections (all experts, shared experts "
+        "and biases included).\n\n"
+        "| layer | direction_from | attn scale | mlp scale |\n|---|---|---|---|\n"
+        f"{rows}\n\n{embed}{caveat}"
+    )
+
+
+def _raise_write_error(error: OSError, out_dir: Path) -> NoReturn:
+    if error.errno in WRITE_ERRNOS:
+        path = error.filename or out_dir
+        raise PipelineError(f"cannot write {path}: {error.strerror}; free disk space or choose a writable cache dir") from error
+    raise error
+
+
+def edit_checkpoint(
+    source_dir: Path,
+    out_dir: Path,
+    plan: Mapping[str, Any],
+    directions: Tensor,
+    progress: bool,
+    embed: bool = False,
+) -> dict[str, Any]:
+    """Write an edited copy of the safetensors checkpoint in `source_dir` to `out_dir`, shard by shard.
+
+    Peak memory is about one shard. Unedited tensors are copied bit for bit; shard metadata, the
+    index and every non-weight file (config, tokenizer, chat template) are carried over, and a
+    README.md model card records the plan. `source_dir` is only ever read.
+    Returns {"source", "source_files": {relative name: sha256}, "edited_tensors": [names]}.
+    """
+    source_dir, out_dir = Path(source_dir).resolve(), Path(out_dir).resolve()
+    if out_dir == source_dir or source_dir in out_dir.parents:
+        raise PipelineError(f"output {out_dir} is inside the source checkpoint {source_dir}; choose another directory")
+    shards, index_name = _weight_shards(source_dir)
+    config = json.loads((source_dir / "config.json").read_text())
+    arch = get_architecture(config.get("model_type", "<missing model_type>"))
+    num_layers = num_decoder_layers(config)
+    resolved = resolve_plan(plan, directions, num_layers, embed)
+    _reject_quantized(config, _tensor_names(source_dir, shards))
+
+    side_files = list(_side_files(source_dir))
+    read_files = [source_dir / shard for shard in shards] + ([source_dir / index_name] if index_name else []) + side_files
+    source_files = {str(path.relative_to(source_dir)): _sha256(path) for path in read_files}
+
+    edited_names: list[str] = []
+    hits: set[tuple[int, str]] = set()
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        for shard in tqdm(shards, desc="ablate: shards", unit="shard", disable=not progress):
+            tensors: dict[str, Tensor] = {}
+            with safe_open(source_dir / shard, framework="pt") as reader:
+                metadata = reader.metadata()
+                for name in reader.keys():
+                    tensor = reader.get_tensor(name)
+                    result = _edit_for(arch, name, tensor, resolved, num_layers, "disk")
+                    if result is not None:
+                        tensor, match = result
+                        edited_names.append(name)
+                        hits.add((match.layer, match.component) if match is not None else (-1, "embed"))
+                    tensors[name] = tensor
+            safetensors.torch.save_file(tensors, str(out_dir / shard), metadata=metadata)
+            del tensors
+        _check_coverage(resolved, hits, arch, "disk")
+        if index_name:
+            shutil.copyfile(source_dir / index_name, out_dir / index_name)
+        for path in side_files:
+            target = out_dir / path.relative_to(source_dir)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(path, target)
+        (out_dir / "README.md").write_text(_model_card(plan, resolved, source_dir, arch))
+    except OSError as error:
+        _raise_write_error(error, out_dir)
+    return {"source": str(source_dir), "source_files": source_files, "edited_tensors": sorted(edited_names)}
+

@@ -1,0 +1,366 @@
+"""The weight-edit math, the streaming checkpoint editor and its in-memory twin.
+
+The family matrix checks the edit against an independent oracle: the unedited model with
+forward hooks that apply h <- h - s r r^T h to the o_proj output and the whole MLP block
+output of each planned layer. Logits of the edited checkpoint must match it.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+import safetensors.torch
+import torch
+from safetensors import safe_open
+from transformers import AutoConfig, AutoModelForCausalLM, Gemma3Config
+
+from pipeline.architectures import decoder_layers, get_architecture, residual_writers
+from pipeline.errors import PipelineError
+from pipeline.weight_edit import (
+    apply_plan_in_memory,
+    direction_for,
+    directions_for_method,
+    edit_checkpoint,
+    norm_preserving,
+    orthogonalize,
+)
+
+HIDDEN = 64
+BASE = dict(
+    hidden_size=HIDDEN, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
+    num_key_value_heads=2, head_dim=16, vocab_size=96,
+)
+ROUTED = dict(n_routed_experts=4, n_shared_experts=1, num_experts_per_tok=2, moe_intermediate_size=32,
+              first_k_dense_replace=1, n_group=1, topk_group=1)
+FAMILIES: dict[str, dict[str, Any]] = {
+    "llama": {},
+    "mistral": {},
+    "qwen2": {},
+    "qwen3": {},
+    "gemma3_text": dict(sliding_window=8),
+    "qwen3_moe": dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, mlp_only_layers=[0]),
+    "mixtral": dict(num_local_experts=4, num_experts_per_tok=2),
+    "glm4_moe": ROUTED,
+    "deepseek_v3": dict(ROUTED, q_lora_rank=32, kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16, head_dim=8),
+    "gpt_oss": dict(num_local_experts=4, num_experts_per_tok=2, sliding_window=8),
+}
+SHARDED = {"llama", "mixtral", "gpt_oss"}  # saved in several shards to exercise the index path
+
+
+def tiny_model(model_type: str) -> torch.nn.Module:
+    torch.manual_seed(0)
+    if model_type == "gemma3":
+        config = Gemma3Config(
+            text_config=dict(BASE, sliding_window=8, vocab_size=100),
+            vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                               image_size=28, patch_size=14),
+            mm_tokens_per_image=4, boi_token_index=97, eoi_token_index=98, image_token_index=99,
+        )
+    else:
+        config = AutoConfig.for_model(model_type, **{**BASE, **FAMILIES[model_type]})
+    model = AutoModelForCausalLM.from_config(config).eval()
+    with torch.no_grad():  # random biases so the bias edits matter (gpt-oss o_proj.bias, down_proj_bias)
+        for name, parameter in model.named_parameters():
+            if name.endswith("bias") and "e_score_correction" not in name:
+                parameter.normal_(0.0, 0.5)
+    return model
+
+
+def save(model: torch.nn.Module, directory: Path, sharded: bool) -> Path:
+    model.save_pretrained(directory, max_shard_size="60KB" if sharded else "50GB")
+    (directory / "tokenizer_config.json").write_text('{"model_max_length": 128}')
+    (directory / "chat_template.jinja").write_text("{{ messages }}")
+    return directory
+
+
+def sha256s(directory: Path) -> dict[str, str]:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(directory.iterdir()) if p.is_file()}
+
+
+def read_all(directory: Path) -> dict[str, torch.Tensor]:
+    tensors: dict[str, torch.Tensor] = {}
+    for path in sorted(directory.glob("*.safetensors")):
+        tensors.update(safetensors.torch.load_file(path))
+    return tensors
+
+
+def plan_for(layers: list[dict[str, Any]], method: str = "orthogonal") -> dict[str, Any]:
+    return {"model": "tiny/test", "method": method, "layers": layers}
+
+
+def project_out(output: Any, direction: torch.Tensor, scale: float) -> Any:
+    hidden = output[0] if isinstance(output, tuple) else output
+    projected = hidden - scale * (hidden @ direction).unsqueeze(-1) * direction
+    return (projected, *output[1:]) if isinstance(output, tuple) else projected
+
+
+def hooked_logits(model: torch.nn.Module, input_ids: torch.Tensor, edits: dict[int, tuple[torch.Tensor, float, float]]) -> torch.Tensor:
+    """Logits of the unedited model with the direction projected out of each edited module's output."""
+    handles = []
+    layers = decoder_layers(model)
+    for layer, (direction, attn_scale, mlp_scale) in edits.items():
+        handles.append(layers[layer].self_attn.o_proj.register_forward_hook(
+            lambda _m, _i, out, d=direction, s=attn_scale: project_out(out, d, s)))
+        handles.append(layers[layer].mlp.register_forward_hook(
+            lambda _m, _i, out, d=direction, s=mlp_scale: project_out(out, d, s)))
+    try:
+        with torch.no_grad():
+            return model(input_ids=input_ids).logits
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def logits(model: torch.nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model(input_ids=input_ids).logits
+
+
+def along(tensor: torch.Tensor, direction: torch.Tensor, axis: int) -> torch.Tensor:
+    return tensor.to(torch.float32).movedim(axis, -1) @ direction
+
+
+# --- the math ----------------------------------------------------------------------------------
+
+
+def test_orthogonalize_removes_the_component_and_keeps_the_rest() -> None:
+    torch.manual_seed(1)
+    weight, direction = torch.randn(HIDDEN, 32), torch.randn(HIDDEN)
+    unit = direction / direction.norm()
+    edited = orthogonalize(weight, direction, 1.0, 0)
+    assert (unit @ edited).norm() / (unit @ weight).norm() < 1e-6
+    other = torch.linalg.qr(torch.stack([unit, torch.randn(HIDDEN)], 1))[0][:, 1]  # orthogonal to r
+    torch.testing.assert_close(other @ edited, other @ weight, atol=1e-5, rtol=0)
+    half = orthogonalize(weight, direction, 0.5, 0)
+    torch.testing.assert_close(unit @ half, 0.5 * (unit @ weight), atol=1e-5, rtol=0)
+
+
+def test_orthogonalize_other_axes_bias_and_dtype() -> None:
+    torch.manual_seed(2)
+    direction = torch.randn(HIDDEN)
+    unit = direction / direction.norm()
+    experts = torch.randn(4, 32, HIDDEN).to(torch.bfloat16)  # gpt-oss layout: hidden last
+    edited = orthogonalize(experts, direction, 1.0, 2)
+    assert edited.dtype == torch.bfloat16 and edited.shape == experts.shape
+    assert along(edited, unit, 2).abs().max() < 0.05 * along(experts, unit, 2).abs().max()  # bf16 rounding only
+    bias = torch.randn(HIDDEN)
+    torch.testing.assert_close(orthogonalize(bias, direction, 1.0, 0), bias - (unit @ bias) * unit)
+
+
+def test_norm_preserving_full_scale_removes_direction_and_keeps_column_norms() -> None:
+    torch.manual_seed(3)
+    weight, direction = torch.randn(4, HIDDEN, 32), torch.randn(HIDDEN)
+    unit = direction / direction.norm()
+    edited = norm_preserving(weight, direction, 1.0, 1)
+    assert along(edited, unit, 1).norm() / along(weight, unit, 1).norm() < 1e-6
+    torch.testing.assert_close(edited.norm(dim=1), weight.norm(dim=1))
+
+
+def test_norm_preserving_scale_interpolates() -> None:
+    torch.manual_seed(4)
+    weight, direction = torch.randn(HIDDEN, 16), torch.randn(HIDDEN)
+    unit = direction / direction.norm()
+    assert torch.equal(norm_preserving(weight, direction, 0.0, 0), weight)
+    half, full = norm_preserving(weight, direction, 0.5, 0), norm_preserving(weight, direction, 1.0, 0)
+    assert (half - full).abs().max() > 0.01
+    torch.testing.assert_close(half.norm(dim=0), weight.norm(dim=0))
+    cosine_before = (unit @ weight) / weight.norm(dim=0)
+    cosine_half = (unit @ half) / half.norm(dim=0)
+    assert torch.all(cosine_half.abs() < cosine_before.abs())  # halfway: component shrunk, not removed
+    assert cosine_half.abs().min() > 0
+
+
+def test_direction_for_interpolates_fractional_layers() -> None:
+    directions = torch.zeros(4, 3)
+    directions[1, 0], directions[2, 1] = 2.0, 5.0
+    torch.testing.assert_close(direction_for(directions, 1), torch.tensor([1.0, 0.0, 0.0]))
+    blended = direction_for(directions, 1.25)  # 0.75 * (2,0,0) + 0.25 * (0,5,0) = (1.5, 1.25, 0)
+    torch.testing.assert_close(blended, torch.tensor([1.5, 1.25, 0.0]) / torch.tensor([1.5, 1.25]).norm())
+    with pytest.raises(PipelineError):
+        direction_for(directions, 3.5)
+    with pytest.raises(PipelineError):
+        direction_for(directions, 0)  # all-zero row
+
+
+def test_directions_for_method_picks_biprojected_for_norm_preserving() -> None:
+    measurements = {"refusal_direction": torch.ones(2, 3), "biprojected_direction": torch.zeros(2, 3)}
+    assert directions_for_method(measurements, "orthogonal") is measurements["refusal_direction"]
+    assert directions_for_method(measurements, "norm_preserving") is measurements["biprojected_direction"]
+    with pytest.raises(PipelineError):
+        directions_for_method({"refusal_direction": torch.ones(2, 3)}, "norm_preserving")
+
+
+# --- the family matrix -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("model_type", [*FAMILIES, "gemma3"])
+def test_edited_checkpoint_matches_hooked_model(model_type: str, tmp_path: Path) -> None:
+    model = tiny_model(model_type)
+    source = save(model, tmp_path / "source", sharded=model_type in SHARDED)
+    before = sha256s(source)
+    if model_type in SHARDED:
+        assert len(list(source.glob("*.safetensors"))) >= 3
+    torch.manual_seed(5)
+    directions = torch.randn(3, HIDDEN)
+    # Layer 0 is dense in glm4_moe / deepseek_v3 / qwen3_moe, layer 2 routed: both code paths are edited.
+    plan = plan_for([
+        {"layer": 0, "direction_from": 0.4, "scale": 1.0},
+        {"layer": 2, "direction_from": 2, "scale": 1.0, "attn_scale": 0.5, "mlp_scale": 0.75},
+    ])
+    r0, r2 = direction_for(directions, 0.4), direction_for(directions, 2)
+
+    report = edit_checkpoint(source, tmp_path / "out", plan, directions, progress=False)
+
+    assert sha256s(source) == before
+    assert report["source"] == str(source.resolve())
+    assert {name: digest for name, digest in report["source_files"].items()} == before
+    out = tmp_path / "out"
+    assert (out / "tokenizer_config.json").read_text() == '{"model_max_length": 128}'
+    assert (out / "chat_template.jinja").exists() and (out / "config.json").read_bytes() == (source / "config.json").read_bytes()
+    card = (out / "README.md").read_text()
+    assert "tiny/test" in card and "orthogonal" in card and "| 2 | 2 | 0.5 | 0.75 |" in card
+
+    input_ids = torch.randint(0, 90, (2, 7), generator=torch.Generator().manual_seed(6))
+    expected = hooked_logits(model, input_ids, {0: (r0, 1.0, 1.0), 2: (r2, 0.5, 0.75)})
+    edited_model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    got = logits(edited_model, input_ids)
+    assert (got - logits(model, input_ids)).abs().max() > 1e-3  # the edit changed something
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=0)
+
+    source_tensors, out_tensors = read_all(source), read_all(out)
+    assert source_tensors.keys() == out_tensors.keys()
+    arch, edited = get_architecture(model.config.model_type), set(report["edited_tensors"])
+    components = set()
+    for name in edited:
+        match = residual_writers(arch, name, 3, "disk")
+        direction, scale = (r0, 1.0) if match.layer == 0 else (r2, {"attn": 0.5, "mlp": 0.75}[match.component])
+        ratio = along(out_tensors[name], direction, match.hidden_axis).norm() / along(source_tensors[name], direction, match.hidden_axis).norm()
+        assert abs(ratio - (1 - scale)) < 1e-4, name
+        components.add((match.layer, match.component))
+    assert components == {(0, "attn"), (0, "mlp"), (2, "attn"), (2, "mlp")}
+    for name in source_tensors.keys() - edited:
+        a, b = source_tensors[name], out_tensors[name]
+        assert a.dtype == b.dtype and torch.equal(a.flatten().view(torch.uint8), b.flatten().view(torch.uint8)), name
+    with safe_open(next(out.glob("*.safetensors")), "pt") as reader:
+        assert reader.metadata() == {"format": "pt"}
+
+    snapshot = {name: p.detach().clone() for name, p in model.named_parameters()}
+    handle = apply_plan_in_memory(model, plan, directions)
+    torch.testing.assert_close(logits(model, input_ids), got, atol=1e-5, rtol=0)
+    handle.restore()
+    for name, parameter in model.named_parameters():
+        assert torch.equal(parameter, snapshot[name]), name
+
+
+def test_norm_preserving_in_memory_equals_checkpoint_for_fused_experts(tmp_path: Path) -> None:
+    """Per-expert columns on disk are the fused tensor's columns in memory: both spellings edit alike."""
+    model = tiny_model("glm4_moe")
+    source = save(model, tmp_path / "source", sharded=False)
+    torch.manual_seed(7)
+    directions = torch.randn(3, HIDDEN)
+    plan = plan_for([{"layer": 1, "direction_from": 1, "scale": 1.0}, {"layer": 2, "direction_from": 1.5, "scale": 0.6}],
+                    method="norm_preserving")
+    report = edit_checkpoint(source, tmp_path / "out", plan, directions, progress=False)
+    out_tensors, source_tensors = read_all(tmp_path / "out"), read_all(source)
+    r1 = direction_for(directions, 1)
+    expert = "model.layers.1.mlp.experts.3.down_proj.weight"
+    assert expert in report["edited_tensors"]
+    assert (r1 @ out_tensors[expert]).norm() / (r1 @ source_tensors[expert]).norm() < 1e-4
+    torch.testing.assert_close(out_tensors[expert].norm(dim=0), source_tensors[expert].norm(dim=0))
+
+    input_ids = torch.randint(0, 90, (2, 5), generator=torch.Generator().manual_seed(8))
+    edited_logits = logits(AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float32).eval(), input_ids)
+    apply_plan_in_memory(model, plan, directions)
+    torch.testing.assert_close(logits(model, input_ids), edited_logits, atol=1e-5, rtol=0)
+
+
+def test_embedding_edit_on_request(tmp_path: Path) -> None:
+    model = tiny_model("llama")
+    source = save(model, tmp_path / "source", sharded=False)
+    directions = torch.randn(3, HIDDEN, generator=torch.Generator().manual_seed(9))
+    plan = plan_for([{"layer": 2, "direction_from": 2, "scale": 1.0}, {"layer": 1, "direction_from": 1, "scale": 1.0}])
+    report = edit_checkpoint(source, tmp_path / "out", plan, directions, progress=False, embed=True)
+    assert "model.embed_tokens.weight" in report["edited_tensors"]
+    assert "lm_head.weight" not in report["edited_tensors"]
+    out_tensors = read_all(tmp_path / "out")
+    r1 = direction_for(directions, 1)  # the lowest planned layer's direction
+    assert (out_tensors["model.embed_tokens.weight"] @ r1).abs().max() < 1e-5
+    handle = apply_plan_in_memory(model, plan, directions, embed=True)
+    torch.testing.assert_close(model.model.embed_tokens.weight, out_tensors["model.embed_tokens.weight"])
+    assert "model.embed_tokens.weight" in handle.edited
+
+
+# --- errors ------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def llama_source(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return save(tiny_model("llama"), tmp_path_factory.mktemp("llama"), sharded=False)
+
+
+def one_layer_plan(layer: int = 1) -> dict[str, Any]:
+    return plan_for([{"layer": layer, "direction_from": 1, "scale": 1.0}])
+
+
+def test_plan_layer_out_of_range(llama_source: Path, tmp_path: Path) -> None:
+    plan = plan_for([{"layer": 99, "direction_from": 1, "scale": 1.0}])
+    with pytest.raises(PipelineError, match=r"plan layer 99 .* 3 decoder layers"):
+        edit_checkpoint(llama_source, tmp_path / "out", plan, torch.randn(3, HIDDEN), progress=False)
+    assert not (tmp_path / "out").exists()
+
+
+def test_bin_only_checkpoint_is_refused(tmp_path: Path) -> None:
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama", "num_hidden_layers": 3}))
+    (tmp_path / "pytorch_model.bin").write_bytes(b"not unpickled")
+    with pytest.raises(PipelineError, match="never unpickle"):
+        edit_checkpoint(tmp_path, tmp_path.parent / "out_bin", one_layer_plan(), torch.randn(3, HIDDEN), progress=False)
+
+
+def test_quantized_checkpoint_is_refused(llama_source: Path, tmp_path: Path) -> None:
+    source = tmp_path / "quantized"
+    source.mkdir()
+    config = json.loads((llama_source / "config.json").read_text())
+    (source / "config.json").write_text(json.dumps(dict(config, quantization_config={"quant_method": "mxfp4"})))
+    (source / "model.safetensors").write_bytes((llama_source / "model.safetensors").read_bytes())
+    with pytest.raises(PipelineError, match="quantized experts not supported; use a bf16 dequantized checkpoint"):
+        edit_checkpoint(source, tmp_path / "out", one_layer_plan(), torch.randn(3, HIDDEN), progress=False)
+
+
+def test_read_only_output_dir(llama_source: Path, tmp_path: Path) -> None:
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)
+    try:
+        if os.access(locked, os.W_OK):
+            pytest.skip("running as root: permissions are not enforced")
+        with pytest.raises(PipelineError, match="cannot write"):
+            edit_checkpoint(llama_source, locked / "model", one_layer_plan(), torch.randn(3, HIDDEN), progress=False)
+    finally:
+        locked.chmod(0o700)
+
+
+def test_disk_full_becomes_pipeline_error(llama_source: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def full(*_args: Any, **_kwargs: Any) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", full)
+    with pytest.raises(PipelineError, match="No space left on device") as raised:
+        edit_checkpoint(llama_source, tmp_path / "out", one_layer_plan(), torch.randn(3, HIDDEN), progress=False)
+    assert str(tmp_path / "out") in str(raised.value) and "\n" not in str(raised.value)
+
+
+def test_output_inside_source_is_refused(llama_source: Path) -> None:
+    with pytest.raises(PipelineError, match="inside the source"):
+        edit_checkpoint(llama_source, llama_source / "edited", one_layer_plan(), torch.randn(3, HIDDEN), progress=False)
+
+
+def test_duplicate_plan_layer_is_refused(llama_source: Path, tmp_path: Path) -> None:
+    plan = plan_for([{"layer": 1, "direction_from": 1, "scale": 1.0}, {"layer": 1, "direction_from": 2, "scale": 0.5}])
+    with pytest.raises(PipelineError, match="layer 1 twice"):
+        edit_checkpoint(llama_source, tmp_path / "out", plan, torch.randn(3, HIDDEN), progress=False)
