@@ -198,10 +198,13 @@ def get_architecture(model_type: str) -> Architecture:
 
 
 def text_config(config: Mapping[str, Any]) -> Mapping[str, Any]:
-    """The decoder's own config: nested under e.g. `text_config` for multimodal families."""
+    """The decoder's own config: nested under e.g. `text_config` for multimodal families.
+
+    A flat mapping (a preset's `arch` block, which copies the nested facts up) is returned as is.
+    """
     arch = ARCHITECTURES.get(str(config.get("model_type")))
     if arch is not None and arch.text_config_key is not None:
-        return config.get(arch.text_config_key) or {}
+        return config.get(arch.text_config_key) or config
     return config
 
 

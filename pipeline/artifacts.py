@@ -93,3 +93,23 @@ def remove_tree(path: Path) -> None:
         if folder.is_dir() and not folder.is_symlink():
             os.chmod(folder, 0o700)
     shutil.rmtree(path)
+
+
+def save_tensors(tensors: Mapping[str, Any], path: Path, metadata: Mapping[str, str] | None = None) -> None:
+    """`safetensors.torch.save_file`, then the header rewritten with sorted keys.
+
+    safetensors stores `__metadata__` from a hash map, so the same tensors give different bytes
+    (and different sha256 in manifests) from run to run. Sorting the header JSON keeps its length,
+    so it is rewritten in place and the file becomes a pure function of its content.
+    """
+    from safetensors.torch import save_file
+
+    save_file(dict(tensors), str(path), metadata=dict(metadata) if metadata else None)
+    with open(path, "r+b") as handle:
+        length = int.from_bytes(handle.read(8), "little")
+        header = json.loads(handle.read(length))
+        canonical = json.dumps(header, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+        if len(canonical) > length:
+            raise AssertionError(f"canonical safetensors header of {path} is longer than the original")
+        handle.seek(8)
+        handle.write(canonical + b" " * (length - len(canonical)))

@@ -104,7 +104,7 @@ def check_supported(model_dir: Path, model_cfg: Mapping[str, Any]) -> dict[str, 
     config = read_model_config(model_dir)
     get_architecture(config.get("model_type", "?"))
     for key, expected in dict(model_cfg.get("arch") or {}).items():
-        actual = _text_config(config).get(key, config.get(key))
+        actual = config.get(key) if key == "model_type" else _text_config(config).get(key, config.get(key))
         if actual is not None and actual != expected:
             raise PipelineError(
                 f"model preset {model_cfg['name']!r} says {key}={expected!r} but {model_dir}/config.json has "
@@ -161,6 +161,7 @@ def _hub_snapshot(model_cfg: Mapping[str, Any]) -> Path:
                 model_cfg["id"],
                 revision=model_cfg.get("revision"),
                 allow_patterns=["*.json", "*.safetensors", "*.jinja", "*.model", "*.txt", "*.tiktoken"],
+                ignore_patterns=["consolidated*"],  # Mistral's duplicate single-file export
             )
         )
     except Exception as error:  # huggingface_hub raises many types for "offline" / "not found"

@@ -73,7 +73,9 @@ def _fields(mapping: Any, required: Mapping[str, type], optional: Mapping[str, t
     if unknown:
         raise _NotAPlan(f"{where} has unknown key {', '.join(unknown)}")
     kinds = {**required, **optional}
-    return {key: _typed(value, kinds[key], f"{where}.{key}" if where != "plan" else key) for key, value in mapping.items()}
+    return {
+        key: _typed(value, kinds[key], key if where == "plan" else f"{where}.{key}") for key, value in mapping.items()
+    }
 
 
 def _normalized(plan: Any) -> dict:
@@ -83,12 +85,17 @@ def _normalized(plan: Any) -> dict:
     if plan["method"] not in METHODS:
         raise _NotAPlan(f"method must be one of {', '.join(METHODS)}, got {plan['method']!r}")
     if plan["direction_source"] not in DIRECTION_SOURCES:
-        raise _NotAPlan(f"direction_source must be one of {', '.join(DIRECTION_SOURCES)}, got {plan['direction_source']!r}")
+        raise _NotAPlan(
+            f"direction_source must be one of {', '.join(DIRECTION_SOURCES)}, got {plan['direction_source']!r}"
+        )
     if plan["hidden_size"] < 1 or plan["num_layers"] < 1:
         raise _NotAPlan("hidden_size and num_layers must be >= 1")
     if not plan["layers"]:
         raise _NotAPlan("layers is empty; a plan must ablate at least one layer")
-    layers = [_fields(entry, _LAYER_REQUIRED, _LAYER_OPTIONAL, f"layers[{i}]") for i, entry in enumerate(plan["layers"])]
+    layers = [
+        _fields(entry, _LAYER_REQUIRED, _LAYER_OPTIONAL, f"layers[{number}]")
+        for number, entry in enumerate(plan["layers"])
+    ]
     numbers = [entry["layer"] for entry in layers]
     if len(set(numbers)) != len(numbers):
         raise _NotAPlan(f"layers lists a layer twice: {sorted(numbers)}")

@@ -27,7 +27,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, NoReturn
 
-import safetensors.torch
 import torch
 from safetensors import safe_open
 from torch import Tensor, nn
@@ -42,6 +41,7 @@ from pipeline.architectures import (
     num_decoder_layers,
     residual_writers,
 )
+from pipeline.artifacts import save_tensors
 from pipeline.errors import PipelineError
 
 METHODS = ("orthogonal", "norm_preserving")
@@ -156,18 +156,22 @@ def resolve_plan(plan: Mapping[str, Any], directions: Tensor, num_layers: int, e
     if not entries:
         raise PipelineError("the plan lists no layers; re-run select or fix ablation.yaml")
     layers: dict[int, LayerEdit] = {}
-    for entry in entries:
-        layer = int(entry["layer"])
+    for position, entry in enumerate(entries):
+        try:
+            layer, direction_from, scale = int(entry["layer"]), float(entry["direction_from"]), float(entry["scale"])
+        except (KeyError, TypeError, ValueError):
+            raise PipelineError(
+                f"plan layers[{position}] needs numeric layer, direction_from and scale, got {entry!r}"
+            ) from None
         if not 0 <= layer < num_layers:
             raise PipelineError(
                 f"plan layer {layer} is out of range: the model has {num_layers} decoder layers (0-{num_layers - 1})"
             )
         if layer in layers:
             raise PipelineError(f"plan lists layer {layer} twice; keep one entry per layer")
-        scale = float(entry["scale"])
         layers[layer] = LayerEdit(
             layer=layer,
-            direction=direction_for(directions, float(entry["direction_from"])),
+            direction=direction_for(directions, direction_from),
             scale=scale,
             scales={
                 "attn": float(entry.get("attn_scale", scale)),
@@ -312,9 +316,7 @@ def _reject_quantized(config: Mapping[str, Any], tensor_names: list[str]) -> Non
     quantized = [name for name in tensor_names if name.endswith(QUANTIZED_SUFFIXES)]
     if "quantization_config" in config or quantized:
         example = quantized[0] if quantized else "config.json quantization_config"
-        raise PipelineError(
-            f"quantized experts not supported ({example}); use a bf16 dequantized checkpoint"
-        )
+        raise PipelineError(f"quantized experts not supported; use a bf16 dequantized checkpoint (found {example})")
 
 
 def _tensor_names(source_dir: Path, shards: list[str]) -> list[str]:
@@ -402,7 +404,7 @@ def edit_checkpoint(
                         edited_names.append(name)
                         hits.add((match.layer, match.component) if match is not None else (-1, "embed"))
                     tensors[name] = tensor
-            safetensors.torch.save_file(tensors, str(out_dir / shard), metadata=metadata)
+            save_tensors(tensors, out_dir / shard, metadata=metadata)
             del tensors
         _check_coverage(resolved, hits, arch, "disk")
         if index_name:

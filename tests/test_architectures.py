@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
+import yaml
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from pipeline.architectures import (
@@ -141,3 +144,19 @@ def test_decoder_layers_finds_the_module_list() -> None:
     layers = decoder_layers(model)
     assert len(layers) == 3
     assert layers[2] is model.model.layers[2]
+
+
+PRESET_KINDS = {
+    "glm45air": True, "qwen25_7b": False, "qwen3_8b": False, "qwen3_30b_a3b": True, "llama31_8b": False,
+    "gemma3_12b": False, "mistral_7b": False, "mixtral_8x7b": True, "gpt_oss_20b": True, "deepseek_v3": True,
+}
+
+
+@pytest.mark.parametrize(("preset", "moe"), PRESET_KINDS.items())
+def test_presets_name_a_supported_family(preset: str, moe: bool) -> None:
+    text = (Path(__file__).parents[1] / "pipeline" / "conf" / "model" / f"{preset}.yaml").read_text()
+    config = yaml.safe_load(text)
+    assert config["name"] == preset and config["source"] == "hub"
+    get_architecture(config["arch"]["model_type"])
+    assert is_moe(config["arch"]) is moe
+    assert num_decoder_layers(config["arch"]) == config["arch"]["num_hidden_layers"]

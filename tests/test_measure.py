@@ -101,7 +101,7 @@ def test_rank_ties_go_to_the_lower_layer():
 
 def test_collect_artifact_that_disagrees_with_its_metadata_is_refused(tmp_path):
     data = torch.ones(2, 3, 4)
-    collect_dir = fabricate_collect(tmp_path / "collect", data, data, hidden_size="8")
+    collect_dir = fabricate_collect(tmp_path / "collect", data, data.clone(), hidden_size="8")
     with pytest.raises(PipelineError, match=r"tensor harmful has shape \[2, 3, 4\], expected \[n >= 1, 3, 8\]"):
         run_measure(tmp_path, collect_dir)
 
@@ -109,7 +109,7 @@ def test_collect_artifact_that_disagrees_with_its_metadata_is_refused(tmp_path):
 def test_unknown_formula_version_is_refused(tmp_path):
     data = torch.ones(2, 3, 4)
     with pytest.raises(PipelineError, match="measure.formula_version=2 is unknown"):
-        run_measure(tmp_path, fabricate_collect(tmp_path / "collect", data, data), formula_version=2)
+        run_measure(tmp_path, fabricate_collect(tmp_path / "collect", data, data.clone()), formula_version=2)
 
 
 # --- a direction planted in a real (tiny, random) model --------------------------------------------------------
@@ -138,7 +138,9 @@ def planted_unit_vector() -> torch.Tensor:
     return u / u.norm()
 
 
-def last_token_residuals(model: Qwen2Model, ids: torch.Tensor, add_after_layer: dict[int, torch.Tensor]) -> torch.Tensor:
+def last_token_residuals(
+    model: Qwen2Model, ids: torch.Tensor, add_after_layer: dict[int, torch.Tensor]
+) -> torch.Tensor:
     """[n, layers, hidden]: each decoder layer's output at the last token, captured by forward hooks.
 
     Hooks rather than `hidden_states`, whose last element has the final norm
@@ -233,6 +235,6 @@ def test_direction_planted_mid_stack_is_found_only_where_present_and_selected(tm
     assert min(cos[1:]) > 0.99
     assert cos[0] < 0.5
     quality = measurements.quality
-    assert min(quality[1:]) > 4 * quality[0]
+    assert min(quality[1:]) > 3 * quality[0]
     # Half the best quality is the bar: the planted layers clear it, layer 0 does not.
     assert select_with(measurements, relative_min=0.5) == sorted(range(1, LAYERS), key=lambda i: -quality[i])

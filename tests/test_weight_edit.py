@@ -219,7 +219,7 @@ def test_edited_checkpoint_matches_hooked_model(model_type: str, tmp_path: Path)
 
     assert sha256s(source) == before
     assert report["source"] == str(source.resolve())
-    assert {name: digest for name, digest in report["source_files"].items()} == before
+    assert report["source_files"] == before
     out = tmp_path / "out"
     assert (out / "tokenizer_config.json").read_text() == '{"model_max_length": 128}'
     assert (out / "chat_template.jinja").exists() and (out / "config.json").read_bytes() == (source / "config.json").read_bytes()
@@ -345,12 +345,14 @@ def test_read_only_output_dir(llama_source: Path, tmp_path: Path) -> None:
         locked.chmod(0o700)
 
 
-def test_disk_full_becomes_pipeline_error(llama_source: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    def full(*_args: Any, **_kwargs: Any) -> None:
-        raise OSError(errno.ENOSPC, "No space left on device")
+@pytest.mark.parametrize("code", [errno.ENOSPC, errno.EACCES, errno.EROFS])
+def test_write_failures_become_pipeline_errors(code: int, llama_source: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Disk full, permission denied, read-only file system: simulated at the shard write."""
+    def failing(*_args: Any, **_kwargs: Any) -> None:
+        raise OSError(code, os.strerror(code))
 
-    monkeypatch.setattr(safetensors.torch, "save_file", full)
-    with pytest.raises(PipelineError, match="No space left on device") as raised:
+    monkeypatch.setattr(safetensors.torch, "save_file", failing)
+    with pytest.raises(PipelineError, match=os.strerror(code)) as raised:
         edit_checkpoint(llama_source, tmp_path / "out", one_layer_plan(), torch.randn(3, HIDDEN), progress=False)
     assert str(tmp_path / "out") in str(raised.value) and "\n" not in str(raised.value)
 
@@ -364,3 +366,48 @@ def test_duplicate_plan_layer_is_refused(llama_source: Path, tmp_path: Path) -> 
     plan = plan_for([{"layer": 1, "direction_from": 1, "scale": 1.0}, {"layer": 1, "direction_from": 2, "scale": 0.5}])
     with pytest.raises(PipelineError, match="layer 1 twice"):
         edit_checkpoint(llama_source, tmp_path / "out", plan, torch.randn(3, HIDDEN), progress=False)
+
+
+# --- the stage -----------------------------------------------------------------------------------
+
+
+def test_ablate_stage_edits_the_resolved_checkpoint(tmp_path: Path) -> None:
+    from pipeline.stage import StageContext
+    from pipeline.plan import write_plan
+    from pipeline.stages.ablate import STAGE
+    from pipeline.stages.measure import COPIED_METADATA, DIRECTION_TENSORS, STATISTIC_TENSORS, Measurements, write_measurements
+
+    arch = {k: v for k, v in {**BASE, **ROUTED}.items() if k not in ("vocab_size", "n_group", "topk_group")}
+    arch["model_type"] = "glm4_moe"
+    model_cfg = {"name": "tiny_stage", "source": "tiny", "id": "tiny-glm", "revision": None, "tiny": {"seed": 0}, "arch": arch}
+    measure_dir, select_dir, out_dir = tmp_path / "measure", tmp_path / "select", tmp_path / "out"
+    for directory in (measure_dir, select_dir, out_dir):
+        directory.mkdir()
+    generator = torch.Generator().manual_seed(10)
+    tensors = {name: torch.randn(3, HIDDEN, generator=generator) for name in DIRECTION_TENSORS}
+    tensors.update({name: torch.rand(3, generator=generator, dtype=torch.float64) for name in STATISTIC_TENSORS})
+    meta = {key: "x" for key in COPIED_METADATA} | {"hidden_size": str(HIDDEN), "num_layers": "3", "formula_version": "1"}
+    write_measurements(measure_dir / "measurements.safetensors", Measurements(meta=meta, tensors=tensors))
+    write_plan(select_dir / "ablation.yaml", {
+        "model": "tiny-glm", "model_fingerprint": "x", "hidden_size": HIDDEN, "num_layers": 3,
+        "source_measurement": "x", "mode": "balanced", "method": "norm_preserving", "direction_source": "own",
+        "thresholds": {"min_quality": 0.0, "top_n": 1, "relative_min": 0.0, "skip_first": 0.0, "skip_last": 0.0},
+        "layers": [{"layer": 1, "direction_from": 1, "scale": 1.0}],
+    })
+    ctx = StageContext(
+        config={"model": model_cfg, "ablate": {"embed": {"enabled": False}}},
+        out_dir=out_dir, inputs={"select": select_dir, "measure": measure_dir},
+        model_store=tmp_path / "store", seed=0, progress=False,
+    )
+    STAGE.run(ctx)
+
+    source_dir = Path(ctx.manifest_extra["source"]["dir"])
+    assert "model.safetensors" in ctx.manifest_extra["source"]["files"]
+    assert ctx.manifest_extra["edited_tensors"] == 1 + 4 + 1  # o_proj, 4 experts, shared expert of layer 1
+    edited, source = read_all(out_dir / "model"), read_all(source_dir)
+    biprojected = direction_for(tensors["biprojected_direction"], 1)  # norm_preserving uses the biprojected table
+    name = "model.layers.1.mlp.experts.2.down_proj.weight"
+    assert (biprojected @ edited[name]).norm() < 1e-4 * (biprojected @ source[name]).norm()
+    assert torch.equal(edited["model.layers.2.self_attn.o_proj.weight"], source["model.layers.2.self_attn.o_proj.weight"])
+    assert (out_dir / "model" / "tokenizer_config.json").is_file()
+    AutoModelForCausalLM.from_pretrained(out_dir / "model")

@@ -6,7 +6,7 @@ import importlib
 
 from pipeline.stage import Stage
 
-STAGE_MODULES = ("collect", "measure", "select", "ablate", "evaluate")
+STAGE_MODULES = ("collect", "baseline", "measure", "select", "ablate", "evaluate")
 
 
 def registry() -> dict[str, Stage]:

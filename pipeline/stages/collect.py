@@ -11,11 +11,10 @@ import json
 from pathlib import Path
 from typing import Any, Mapping
 
-from safetensors.torch import save_file
 
 from pipeline.activations import collect_residuals, render_prompts
 from pipeline.architectures import is_moe
-from pipeline.artifacts import write_json
+from pipeline.artifacts import save_tensors, write_json
 from pipeline.models import load_model, model_fingerprint, resolve_model_dir
 from pipeline.prompt_sets import prompt_splits
 from pipeline.stage import Stage, StageContext
@@ -62,7 +61,7 @@ def run(ctx: StageContext) -> None:
         "dtype": settings["dtype"],
         "hidden_state_index": "activations[:, i] is the output of decoder layer i (0-based); *_embed is the embedding output",
     }
-    save_file(tensors, ctx.out_dir / "activations.safetensors", metadata={k: _meta_text(v) for k, v in meta.items()})
+    save_tensors(tensors, ctx.out_dir / "activations.safetensors", metadata={k: _meta_text(v) for k, v in meta.items()})
     write_json(ctx.out_dir / "meta.json", meta)
     with open(ctx.out_dir / "prompts.jsonl", "w", encoding="utf-8") as handle:
         for label, prompts in sets.items():

@@ -22,9 +22,10 @@ from typing import Mapping, Sequence
 import torch
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 from safetensors import safe_open
-from safetensors.torch import save_file
 
+from pipeline.artifacts import save_tensors
 from pipeline.errors import PipelineError
 from pipeline.plan import check_measurement_matches
 from pipeline.stage import Stage, StageContext
@@ -182,14 +183,20 @@ def write_layers_csv(path: Path, tensors: Mapping[str, torch.Tensor]) -> None:
             writer.writerow([layer, f"{cos:.6f}", f"{snr:.6f}", f"{quality[layer]:.6f}", rank[layer]])
 
 
-def plot_quality(path: Path, quality: Sequence[float], title: str, selected: Sequence[int] = ()) -> None:
-    """Quality by layer as a bar chart; `selected` layers are drawn in a second colour."""
+def plot_quality(
+    path: Path, quality: Sequence[float], title: str, selected: Sequence[int] = (), threshold: float | None = None
+) -> None:
+    """Quality by layer as a bar chart; `selected` layers in red, `threshold` as a dashed line."""
     figure = Figure(figsize=(8, 3.5))
     FigureCanvasAgg(figure)
     axes = figure.add_subplot()
     chosen = set(selected)
     colours = ["tab:red" if layer in chosen else "tab:blue" for layer in range(len(quality))]
     axes.bar(range(len(quality)), quality, color=colours)
+    if threshold is not None:
+        axes.axhline(threshold, color="black", linestyle="--", linewidth=1, label=f"mode.min_quality={threshold:g}")
+        axes.legend(loc="upper left")
+    axes.xaxis.set_major_locator(MaxNLocator(integer=True))
     axes.set_xlabel("decoder layer (0-based)")
     axes.set_ylabel("signal quality")
     axes.set_title(title)
@@ -200,7 +207,7 @@ def plot_quality(path: Path, quality: Sequence[float], title: str, selected: Seq
 def write_measurements(path: Path, measurements: Measurements) -> None:
     """Save as safetensors: tensors plus the metadata strings `read_measurements` checks."""
     tensors = {name: tensor.contiguous() for name, tensor in measurements.tensors.items()}
-    save_file(tensors, str(path), metadata=dict(measurements.meta))
+    save_tensors(tensors, path, metadata=dict(measurements.meta))
 
 
 def run(ctx: StageContext) -> None:

@@ -135,7 +135,9 @@ def _round_down_one_digit(value: float) -> str:
     return f"{digit * step:.{max(0, -exponent)}f}"
 
 
-def _nothing_qualifies(quality: Sequence[float], candidates: Sequence[int], window: range, settings: SelectionSettings) -> PipelineError:
+def _nothing_qualifies(
+    quality: Sequence[float], candidates: Sequence[int], window: range, settings: SelectionSettings
+) -> PipelineError:
     where = "no layer" if len(window) == len(quality) else f"no layer in {window.start}..{window.stop - 1}"
     best = quality[candidates[0]]
     if best <= 0:
@@ -206,6 +208,7 @@ def run(ctx: StageContext) -> None:
         measurements.quality,
         title=f"{plan['model']}: mode {plan['mode']}, selected in red",
         selected=[entry["layer"] for entry in plan["layers"]],
+        threshold=plan["thresholds"]["min_quality"],
     )
 
 
