@@ -3,18 +3,24 @@
 Errors in user input (PipelineError) print one line on stderr and exit with status 2. In a
 multirun (`-m`) a failing job is recorded instead (run.json gets an "error") and the sweep goes on:
 one sweep point whose thresholds select nothing must not throw away the points that worked.
+Hydra's own errors (an unknown preset, an override it cannot parse) and unwritable output
+directories are reduced to one line and status 2 as well; see docs/troubleshooting.md.
 """
 
 from __future__ import annotations
 
+import errno
 import logging
+import os
 import sys
 from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.errors import HydraException, MissingConfigException, OverrideParseException
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 from pipeline.artifacts import write_json
 from pipeline.errors import PipelineError
@@ -73,5 +79,60 @@ def main(cfg: DictConfig) -> None:
         sys.exit(2)
 
 
+WRITE_ERRNOS = frozenset({errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.ENOTDIR})
+"""An OSError with one of these, escaping the run, means an output path the user chose cannot be written."""
+
+
+def hydra_error_line(error: Exception) -> str:
+    """Hydra's multi-line composition report as one line: what is wrong, and the choices or the fix."""
+    if isinstance(error, MissingConfigException) and error.missing_cfg_file and error.options:
+        group, _, name = error.missing_cfg_file.rpartition("/")
+        return f"{group}={name}: no such {group} preset; choose one of {', '.join(error.options)}"
+    parts = [part.strip() for part in str(error).split("Config search path:")[0].splitlines() if part.strip()]
+    line = parts[0] if parts else type(error).__name__
+    for part in parts[1:]:
+        line += (" " if line[-1] in ".:;" else "; ") + part
+    if isinstance(error, OverrideParseException):
+        return f"cannot parse override {error.override!r}: {line}"
+    cause = error.__cause__
+    if isinstance(cause, OmegaConfBaseException) and str(cause).strip():
+        line = f"{line} ({str(cause).strip().splitlines()[0]})"
+    return line
+
+
+def cli() -> None:
+    """`python -m pipeline`: `main` with every error a user can cause reported as one stderr line, status 2.
+
+    HYDRA_FULL_ERROR=1 makes Hydra raise its errors instead of printing a multi-line report; they are
+    caught here. A user who sets HYDRA_FULL_ERROR=1 themselves gets Hydra's full traceback, as documented.
+    """
+    previous = os.environ.get("HYDRA_FULL_ERROR")
+    wants_traceback = previous == "1"
+    os.environ["HYDRA_FULL_ERROR"] = "1"
+    try:
+        main()
+    except (HydraException, OmegaConfBaseException) as error:
+        if wants_traceback:
+            raise
+        print(f"error: {hydra_error_line(error)}", file=sys.stderr)
+        sys.exit(2)
+    except OSError as error:
+        if wants_traceback or error.errno not in WRITE_ERRNOS:
+            raise
+        print(
+            f"error: cannot write {error.filename}: {error.strerror}; choose writable hydra.run.dir and cache.dir",
+            file=sys.stderr,
+        )
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("error: interrupted; finished stages are cached, rerun the same command to resume", file=sys.stderr)
+        sys.exit(130)
+    finally:
+        if previous is None:
+            del os.environ["HYDRA_FULL_ERROR"]
+        else:
+            os.environ["HYDRA_FULL_ERROR"] = previous
+
+
 if __name__ == "__main__":
-    main()
+    cli()

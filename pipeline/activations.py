@@ -1,29 +1,55 @@
 """Reading the residual stream: chat-templated, length-sorted, left-padded batches through the base model.
 
 Hidden-state indices are named explicitly because peers get them off by one:
-`decoder_outputs[:, i]` is the residual stream at the OUTPUT of decoder layer i
-(0-based); the embedding output is kept apart as `embed`. We hook the decoder
-layers instead of asking for `output_hidden_states`, because the last entry of
+`layers[:, i]` is the residual stream at the OUTPUT of decoder layer i (0-based);
+the embedding output is kept apart as `embed`. We hook the decoder layers
+instead of asking for `output_hidden_states`, because the last entry of
 Hugging Face's hidden states already has the final norm applied, and we call
 the base model so the lm_head (about 1.4x of the cost on the 0.5B default) and
-the KV cache are never computed.
+the KV cache are never computed. The final norm still runs: it is one
+elementwise op per forward, and skipping it would mean re-implementing each
+architecture's forward.
+
+Left padding puts every prompt's last tokens in the same columns, so "the
+last k tokens" is one slice of the whole batch; explicit position ids start at
+0 on each prompt's first real token, so a prompt's activations do not depend
+on how much padding its batch needed.
 """
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import torch
 from tqdm.auto import tqdm
 
 from pipeline.architectures import decoder_layers
+from pipeline.errors import PipelineError
+
+log = logging.getLogger(__name__)
+
+POSITIONS = ("last", "post_instruction", "post_instruction_mean")
+"""`last`: the last prompt token (the end of the assistant header). `post_instruction`: each of the
+template tokens after the user message, kept apart. `post_instruction_mean`: their mean."""
+
+AUTO_BATCH_START = 64
+"""`batch_size=auto` tries this many prompts per forward first and halves on out-of-memory. A power of
+two, so every smaller size it falls back to divides the prompts already done: the batches are then
+exactly those of a fixed-size run at the final size."""
 
 
 @dataclass(frozen=True)
-class Residuals:
-    decoder_outputs: torch.Tensor  # [n_prompts, num_layers, hidden], float32, original prompt order
-    embed: torch.Tensor  # [n_prompts, hidden], float32
+class ResidualBatch:
+    """One forward pass's residuals at the captured positions, on CPU, float32."""
+
+    indices: list[int]
+    """Which prompts (indices into the caller's list) the rows belong to."""
+    layers: torch.Tensor
+    """[batch, num_layers, span, hidden]: output of decoder layer i at each of the last `span` tokens."""
+    embed: torch.Tensor
+    """[batch, span, hidden]: the token embeddings at the same tokens."""
 
 
 def render_prompts(tokenizer, prompts: Sequence[str]) -> list[str]:
@@ -34,12 +60,40 @@ def render_prompts(tokenizer, prompts: Sequence[str]) -> list[str]:
     ]
 
 
-def post_instruction_length(tokenizer) -> int:
-    """How many template tokens follow the user's message (e.g. `<|im_end|>\\n<|im_start|>assistant\\n`)."""
+def prompt_tokens(tokenizer, prompts: Sequence[str]) -> list[list[int]]:
+    """Token ids of each rendered prompt (the template supplies every special token)."""
+    return [tokenizer(text, add_special_tokens=False)["input_ids"] for text in render_prompts(tokenizer, prompts)]
+
+
+def post_instruction_ids(tokenizer) -> list[int]:
+    """Token ids of the template text after the user's message (e.g. `<|im_end|>\\n<|im_start|>assistant\\n`)."""
     marker = "\u2063MARKER\u2063"
     rendered = render_prompts(tokenizer, [marker])[0]
     suffix = rendered[rendered.index(marker) + len(marker):]
-    return max(1, len(tokenizer(suffix, add_special_tokens=False)["input_ids"]))
+    ids = tokenizer(suffix, add_special_tokens=False)["input_ids"]
+    if not ids:
+        raise PipelineError("the chat template adds nothing after the user message; use collect.positions=last")
+    return ids
+
+
+def position_span(tokenizer, token_lists: Sequence[Sequence[int]], positions: str) -> int:
+    """How many trailing tokens of every prompt `positions` reads.
+
+    For the post-instruction positions, every prompt must end with exactly the template's suffix
+    tokens: a tokenizer that merged the message's end into the suffix would shift the positions.
+    """
+    if positions not in POSITIONS:
+        raise PipelineError(f"collect.positions={positions!r} is not one of {', '.join(POSITIONS)}")
+    if positions == "last":
+        return 1
+    suffix = post_instruction_ids(tokenizer)
+    for index, tokens in enumerate(token_lists):
+        if list(tokens[-len(suffix):]) != suffix or len(tokens) == len(suffix):
+            raise PipelineError(
+                f"prompt {index} does not end with the template's {len(suffix)} post-instruction tokens "
+                f"{suffix}; the tokenizer merges across the message boundary, use collect.positions=last"
+            )
+    return len(suffix)
 
 
 def left_padded_batch(token_lists: Sequence[Sequence[int]], pad_id: int) -> dict[str, torch.Tensor]:
@@ -56,69 +110,97 @@ def left_padded_batch(token_lists: Sequence[Sequence[int]], pad_id: int) -> dict
 
 def length_sorted_batches(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
     """Indices grouped so each batch holds prompts of similar length: padding is minimal."""
-    order = sorted(range(len(lengths)), key=lambda index: (lengths[index], index))
+    order = length_order(lengths)
     return [order[start:start + batch_size] for start in range(0, len(order), batch_size)]
 
 
+def length_order(lengths: Sequence[int]) -> list[int]:
+    """Indices by (length, index): the order batches are cut from."""
+    return sorted(range(len(lengths)), key=lambda index: (lengths[index], index))
+
+
 def is_out_of_memory(error: BaseException) -> bool:
-    return isinstance(error, torch.OutOfMemoryError) or "out of memory" in str(error).lower()
+    """CUDA/XPU/MPS raise OutOfMemoryError; CPU allocators raise RuntimeError with their own wording."""
+    text = str(error).lower()
+    return isinstance(error, torch.OutOfMemoryError) or "out of memory" in text or "can't allocate memory" in text
+
+
+def input_device(model) -> torch.device:
+    """Where the token ids must go: the embedding's execution device.
+
+    With accelerate offload the embedding weight may sit on the `meta` device between calls; its
+    dispatch hook then names the device it runs on.
+    """
+    embeddings = model.get_input_embeddings()
+    hook_device = getattr(getattr(embeddings, "_hf_hook", None), "execution_device", None)
+    if hook_device is not None:
+        return torch.device(hook_device)
+    device = embeddings.weight.device
+    return torch.device("cpu") if device.type == "meta" else device
+
+
+def num_layers_and_hidden(model) -> tuple[int, int]:
+    return len(decoder_layers(model)), int(model.config.get_text_config().hidden_size)
 
 
 @torch.inference_mode()
-def collect_residuals(
+def residual_batches(
     model,
-    tokenizer,
-    prompts: Sequence[str],
+    token_lists: Sequence[Sequence[int]],
+    pad_id: int,
     batch_size: int | str = 16,
-    positions: str = "last",
+    span: int = 1,
     progress: bool = True,
     description: str = "collect",
-) -> Residuals:
-    """Residual stream at the chosen positions for every decoder layer.
+) -> Iterator[ResidualBatch]:
+    """Residuals of every decoder layer at each prompt's last `span` tokens, one batch at a time.
 
-    `positions`: "last" (the last prompt token, i.e. the end of the assistant header),
-    or "post_instruction_mean" (mean over the template tokens after the user message).
-    `batch_size="auto"` starts large and halves on out-of-memory instead of crashing.
+    Batches come in length order; `ResidualBatch.indices` says where each row belongs.
+    `batch_size="auto"` starts at `AUTO_BATCH_START` and halves on out-of-memory instead of crashing.
     """
-    rendered = render_prompts(tokenizer, prompts)
-    tokens = [tokenizer(text, add_special_tokens=False)["input_ids"] for text in rendered]
-    span = 1 if positions == "last" else post_instruction_length(tokenizer)
     layers = decoder_layers(model)
     captured: list[torch.Tensor] = []
 
     def capture(_module, _inputs, output):
         hidden = output[0] if isinstance(output, tuple) else output
-        captured.append(hidden[:, -span:, :].float().mean(dim=1).cpu())
+        # A copy on the layer's own device: a view would keep the whole [batch, seq, hidden] state alive,
+        # and moving to CPU here would make an accelerator wait for the host after every layer.
+        captured.append(hidden[:, -span:, :].to(dtype=torch.float32, copy=True))
 
-    size = 64 if batch_size == "auto" else int(batch_size)
-    outputs = torch.empty((len(prompts), len(layers), model.config.get_text_config().hidden_size))
-    embeds = torch.empty((len(prompts), outputs.shape[-1]))
-    handles = [layer.register_forward_hook(capture) for layer in layers]
-    handles.append(model.get_input_embeddings().register_forward_hook(capture))
-    device = model.get_input_embeddings().weight.device
+    handles = [model.get_input_embeddings().register_forward_hook(capture)]
+    handles += [layer.register_forward_hook(capture) for layer in layers]
+    device = input_device(model)
     base = model.base_model
+    order = length_order([len(tokens) for tokens in token_lists])
+    size = AUTO_BATCH_START if batch_size == "auto" else int(batch_size)
+    done = 0
+    bar = tqdm(total=len(order), desc=description, disable=not progress, unit="prompt")
     try:
-        pending = length_sorted_batches([len(t) for t in tokens], size)
-        bar = tqdm(total=len(prompts), desc=description, disable=not progress, unit="prompt")
-        while pending:
-            batch = pending.pop(0)
+        while done < len(order):
+            batch = order[done:done + size]
             captured.clear()
-            inputs = {k: v.to(device) for k, v in left_padded_batch([tokens[i] for i in batch], tokenizer.pad_token_id).items()}
+            inputs = left_padded_batch([token_lists[i] for i in batch], pad_id)
             try:
-                base(**inputs, use_cache=False)
+                base(**{name: value.to(device) for name, value in inputs.items()}, use_cache=False)
             except (RuntimeError, torch.OutOfMemoryError) as error:
                 if batch_size != "auto" or len(batch) == 1 or not is_out_of_memory(error):
                     raise
-                if torch.cuda.is_available():
-                    torch.cuda.empty_cache()
-                half = len(batch) // 2
-                pending[:0] = [batch[:half], batch[half:]]
+                captured.clear()
+                _release_cached_memory()
+                while size >= len(batch):  # stays a power of two, below the batch that failed
+                    size //= 2
+                log.warning("%s: out of memory at %d prompts per batch; retrying with %d", description, len(batch), size)
                 continue
-            embeds[batch] = captured[0]  # the embedding hook fires first
-            outputs[batch] = torch.stack(captured[1:], dim=1)
+            embed, *outputs = (tensor.cpu() for tensor in captured)  # the embedding hook fires first
+            yield ResidualBatch(indices=batch, layers=torch.stack(outputs, dim=1), embed=embed)
+            done += len(batch)
             bar.update(len(batch))
-        bar.close()
     finally:
+        bar.close()
         for handle in handles:
             handle.remove()
-    return Residuals(decoder_outputs=outputs, embed=embeds)
+
+
+def _release_cached_memory() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()

@@ -69,12 +69,34 @@ def resolve_model_dir(model_cfg: Mapping[str, Any], model_store: Path, progress:
         path = _existing_path(model_cfg["id"], "model directory")
         if not (path / "config.json").is_file():
             raise PipelineError(f"{path} has no config.json; model.id must point at a Hugging Face model directory")
-        return path
+        return _checked_checkpoint(path)
     if source == "hub":
-        return _hub_snapshot(model_cfg)
+        return _checked_checkpoint(_hub_snapshot(model_cfg))
     if source in ("packaged", "gguf", "tiny"):
         return _materialize(model_cfg, Path(model_store), progress)
     raise PipelineError(f"model.source={source!r} is not one of hub, local, gguf, packaged, tiny")
+
+
+def _checked_checkpoint(model_dir: Path) -> Path:
+    """A checkpoint we did not build, refused before any weight is read when we could not use it:
+    an unknown architecture, or weights only in pickle formats (we never unpickle)."""
+    from pipeline.architectures import get_architecture
+
+    try:
+        model_type = read_model_config(model_dir).get("model_type", "<missing model_type>")
+    except (OSError, ValueError) as error:
+        raise PipelineError(f"{model_dir}/config.json is not readable JSON ({error}); fix or re-download it") from None
+    get_architecture(model_type)
+    weights = [path.name for path in model_dir.iterdir() if path.name.endswith(WEIGHT_SUFFIXES)]
+    if not any(name.endswith(".safetensors") for name in weights):
+        found = f"only {', '.join(sorted(weights))}" if weights else "no weight files"
+        if any(name.endswith(".gguf") for name in weights):
+            raise PipelineError(f"{model_dir} has {found}; for a GGUF file use model.source=gguf model.id=<file.gguf>")
+        raise PipelineError(
+            f"{model_dir} has {found}; we load safetensors only and never unpickle: convert it "
+            "(load it yourself, then save_pretrained(..., safe_serialization=True)) or use a safetensors revision"
+        )
+    return model_dir
 
 
 def model_fingerprint(model_dir: Path) -> str:
@@ -149,6 +171,8 @@ def _existing_path(value: str, what: str) -> Path:
     path = user_path(value)
     if not path.exists():
         raise PipelineError(f"{what} {path} does not exist; set model.id to an existing path")
+    if what == "model directory" and not path.is_dir():
+        raise PipelineError(f"{what} {path} is a file; set model.id to the directory that holds config.json")
     return path
 
 
@@ -165,8 +189,11 @@ def _hub_snapshot(model_cfg: Mapping[str, Any]) -> Path:
             )
         )
     except Exception as error:  # huggingface_hub raises many types for "offline" / "not found"
+        from huggingface_hub import constants
+
+        why = "HF_HUB_OFFLINE is set and it is not in the local hub cache" if constants.HF_HUB_OFFLINE else type(error).__name__
         raise PipelineError(
-            f"hub model {model_cfg['id']!r} could not be fetched ({type(error).__name__}); check the id and "
+            f"hub model {model_cfg['id']!r} could not be fetched ({why}); check the id and "
             f"your network, or download it and use model.source=local model.id=<dir>"
         ) from None
 
@@ -176,23 +203,29 @@ def _materialize(model_cfg: Mapping[str, Any], model_store: Path, progress: bool
     target = model_store / f"{model_cfg['name']}-{digest}"
     if artifacts.verify(target)[0]:
         return target
-    model_store.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(target) + ".lock"):
-        if artifacts.verify(target)[0]:
-            return target
-        tmp = model_store / f".tmp-{target.name}-{os.getpid()}"
-        artifacts.remove_tree(tmp)
-        tmp.mkdir()
-        try:
-            if model_cfg["source"] == "tiny":
-                _build_tiny(model_cfg, tmp)
-            else:
-                _dequantize_gguf(model_cfg, tmp)
-            artifacts.write_manifest(tmp, {"recipe": recipe(model_cfg)})
-            artifacts.remove_tree(target)
-            os.replace(tmp, target)
-        finally:
+    try:
+        model_store.mkdir(parents=True, exist_ok=True)
+        with FileLock(str(target) + ".lock"):
+            if artifacts.verify(target)[0]:
+                return target
+            tmp = model_store / f".tmp-{target.name}-{os.getpid()}"
             artifacts.remove_tree(tmp)
+            tmp.mkdir()
+            try:
+                if model_cfg["source"] == "tiny":
+                    _build_tiny(model_cfg, tmp)
+                else:
+                    _dequantize_gguf(model_cfg, tmp)
+                artifacts.write_manifest(tmp, {"recipe": recipe(model_cfg)})
+                artifacts.remove_tree(target)
+                os.replace(tmp, target)
+            finally:
+                artifacts.remove_tree(tmp)
+    except OSError as error:
+        raise PipelineError(
+            f"could not build {target.name} in the model store ({error.strerror or error}: "
+            f"{error.filename or model_store}); free disk space or set cache.models to a writable directory"
+        ) from error
     return target
 
 

@@ -1,7 +1,7 @@
 """The ablation plan (`ablation.yaml`): which layers to ablate, with which direction and scale.
 
 The plan is the hand-off between `select` and `ablate`, and a file people
-review, commit and replay (`run.plan=...`). So its text is deterministic:
+review, commit and replay (`python -m pipeline plan=<ablation.yaml>`). So its text is deterministic:
 sorted keys, fixed float formatting, one line per layer, no timestamps. The
 same inputs give byte-identical files, which is what lets CI regenerate plans
 and diff them (`python -m pipeline.regen --check`).
@@ -22,6 +22,10 @@ from pipeline.errors import PipelineError
 
 METHODS = ("orthogonal", "norm_preserving")
 DIRECTION_SOURCES = ("own", "best")
+"""What `select.direction_from` may ask for: each layer's own direction, or the best selected layer's."""
+PLAN_DIRECTION_SOURCES = (*DIRECTION_SOURCES, "single")
+"""What a plan may record: `single` is one shared direction chosen by a search (`pipeline.optimize`),
+possibly interpolated between two layers (direction_from 12.5 blends layers 12 and 13)."""
 HEADER = (
     "# ablation plan written by the select stage; python -m pipeline.regen recomputes committed ones\n"
     "# layer numbers are 0-based decoder layers\n"
@@ -34,22 +38,30 @@ _TOP_LEVEL = {
     "num_layers": int,
     "source_measurement": str,
     "mode": str,
-    "thresholds": dict,
     "method": str,
     "direction_source": str,
     "layers": list,
 }
+_TOP_LEVEL_OPTIONAL = {"thresholds": dict}
+"""select writes the thresholds that chose its layers; a plan found by a search has none."""
 _THRESHOLDS = {"min_quality": float, "top_n": int, "relative_min": float, "skip_first": float, "skip_last": float}
-_LAYER_REQUIRED = {"layer": int, "direction_from": int, "scale": float}
-_LAYER_OPTIONAL = {"quality": float}
-"""`quality` is informational: select always writes it, a hand-edited plan may drop it."""
+LAYER_INDEX = "layer index"
+"""Type tag for `direction_from`: an integer layer, or a fractional position between two layers."""
+_LAYER_REQUIRED = {"layer": int, "direction_from": LAYER_INDEX, "scale": float}
+_LAYER_OPTIONAL = {"quality": float, "attn_scale": float, "mlp_scale": float}
+"""`quality` is informational: select always writes it, a hand-edited plan may drop it.
+`attn_scale` / `mlp_scale` override `scale` for the attention output / the MLP down projections."""
 
 
 class _NotAPlan(Exception):
     """Internal: what is wrong with a plan; `validate_plan` turns it into a PipelineError naming the file."""
 
 
-def _typed(value: Any, kind: type, where: str) -> Any:
+def _typed(value: Any, kind: type | str, where: str) -> Any:
+    if kind == LAYER_INDEX:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise _NotAPlan(f"{where} must be a layer number (integer or fractional), got {value!r}")
+        return value
     if kind is int:
         if isinstance(value, bool) or not isinstance(value, int):
             raise _NotAPlan(f"{where} must be an integer, got {value!r}")
@@ -63,7 +75,9 @@ def _typed(value: Any, kind: type, where: str) -> Any:
     return value
 
 
-def _fields(mapping: Any, required: Mapping[str, type], optional: Mapping[str, type], where: str) -> dict:
+def _fields(
+    mapping: Any, required: Mapping[str, type | str], optional: Mapping[str, type | str], where: str
+) -> dict:
     if not isinstance(mapping, dict):
         raise _NotAPlan(f"{where} must be a mapping, got {mapping!r}")
     missing = [key for key in required if key not in mapping]
@@ -80,13 +94,14 @@ def _fields(mapping: Any, required: Mapping[str, type], optional: Mapping[str, t
 
 def _normalized(plan: Any) -> dict:
     """A checked copy of `plan` with plain types and layers sorted by layer number."""
-    plan = _fields(plan, _TOP_LEVEL, {}, "plan")
-    plan["thresholds"] = _fields(plan["thresholds"], _THRESHOLDS, {}, "thresholds")
+    plan = _fields(plan, _TOP_LEVEL, _TOP_LEVEL_OPTIONAL, "plan")
+    if "thresholds" in plan:
+        plan["thresholds"] = _fields(plan["thresholds"], _THRESHOLDS, {}, "thresholds")
     if plan["method"] not in METHODS:
         raise _NotAPlan(f"method must be one of {', '.join(METHODS)}, got {plan['method']!r}")
-    if plan["direction_source"] not in DIRECTION_SOURCES:
+    if plan["direction_source"] not in PLAN_DIRECTION_SOURCES:
         raise _NotAPlan(
-            f"direction_source must be one of {', '.join(DIRECTION_SOURCES)}, got {plan['direction_source']!r}"
+            f"direction_source must be one of {', '.join(PLAN_DIRECTION_SOURCES)}, got {plan['direction_source']!r}"
         )
     if plan["hidden_size"] < 1 or plan["num_layers"] < 1:
         raise _NotAPlan("hidden_size and num_layers must be >= 1")
@@ -101,12 +116,15 @@ def _normalized(plan: Any) -> dict:
         raise _NotAPlan(f"layers lists a layer twice: {sorted(numbers)}")
     for entry in layers:
         for key in ("layer", "direction_from"):
-            if not 0 <= entry[key] < plan["num_layers"]:
+            if not 0 <= entry[key] <= plan["num_layers"] - 1:
                 raise _NotAPlan(f"{key} {entry[key]} is outside 0..{plan['num_layers'] - 1}")
-    if plan["direction_source"] == "own" and any(e["layer"] != e["direction_from"] for e in layers):
+    source = plan["direction_source"]
+    if source in ("own", "best") and any(entry["direction_from"] != int(entry["direction_from"]) for entry in layers):
+        raise _NotAPlan(f"direction_source is {source} but a direction_from is fractional; use single")
+    if source == "own" and any(e["layer"] != e["direction_from"] for e in layers):
         raise _NotAPlan("direction_source is own but a layer takes its direction from another layer")
-    if plan["direction_source"] == "best" and len({e["direction_from"] for e in layers}) != 1:
-        raise _NotAPlan("direction_source is best but the layers take directions from different layers")
+    if source in ("best", "single") and len({e["direction_from"] for e in layers}) != 1:
+        raise _NotAPlan(f"direction_source is {source} but the layers take directions from different layers")
     plan["layers"] = sorted(layers, key=lambda entry: entry["layer"])
     return plan
 
@@ -120,6 +138,7 @@ def validate_plan(plan: Any, source: str) -> dict:
 
 
 def _scalar(value: Any) -> str:
+    """Strings JSON-quoted, integers bare, floats as %.6f: re-reading and re-rendering gives the same text."""
     if isinstance(value, str):
         return json.dumps(value)  # a JSON string is a YAML double-quoted scalar: no surprises like `yes`
     if isinstance(value, int):

@@ -5,6 +5,12 @@ here. A stage's cache key is the sha256 of the canonical JSON of
 (name, version, its config slice, its upstream keys, digests of external
 inputs it declares). Its artifact is `<cache.dir>/<stage>/<key>/`, complete
 exactly when `manifest.json` verifies.
+
+Every key is computed before any stage runs, so a bad prompt file or model
+path fails in a second, before anything is written. A stage writes into
+`<stage>/.tmp-<key>-<pid>-<random>/` while holding `<stage>/.<key>.lock`;
+a temporary whose lock can be taken belongs to a dead process and is removed
+(here for the key being computed, by `python -m pipeline.cache gc` for all).
 """
 
 from __future__ import annotations
@@ -12,11 +18,16 @@ from __future__ import annotations
 import importlib.metadata
 import logging
 import os
+import re
 import resource
+import signal
 import subprocess
+import tempfile
 import sys
+import tempfile
 import time
 import uuid
+from contextlib import suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -24,7 +35,7 @@ from typing import Any, Mapping, Sequence
 from filelock import FileLock
 from omegaconf import DictConfig, OmegaConf
 
-from pipeline import artifacts
+from pipeline import artifacts, distributed
 from pipeline.errors import PipelineError
 from pipeline.stage import Stage, StageContext
 
@@ -44,6 +55,11 @@ NON_SEMANTIC_KEYS = frozenset(
 )
 LIBRARIES = ("torch", "transformers", "accelerate", "safetensors", "hydra-core", "omegaconf", "datasets")
 KEY_LENGTH = 16
+TEMPORARY_PATTERN = re.compile(rf"\.tmp-(?P<key>[0-9a-f]{{{KEY_LENGTH}}})-\d+-[0-9a-f]{{8}}")
+"""Name of a stage's temporary directory: `.tmp-<key>-<pid>-<random>`, next to its final `<key>/`."""
+FAULT_ENV = "PIPELINE_FAULT"
+"""Test hook (docs/troubleshooting.md): PIPELINE_FAULT=<stage> makes the process SIGKILL itself right after that
+stage's `run` returns, before its manifest and rename, so tests can reproduce `kill -9` at the worst moment."""
 
 
 @dataclass(frozen=True)
@@ -85,6 +101,24 @@ def cache_key(stage: Stage, values: Mapping[str, Any], upstream: Mapping[str, st
     return artifacts.sha256_text(artifacts.canonical_json(payload))[:KEY_LENGTH]
 
 
+def lock_path(final: Path) -> Path:
+    """The lock that a writer of `<stage>/<key>/` holds from its first write to its rename."""
+    return final.parent / f".{final.name}.lock"
+
+
+def ensure_writable(directory: Path, setting: str) -> None:
+    """Create `directory` and prove a file can be written there, or fail in one line naming `setting`."""
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=directory):
+            pass
+    except OSError as error:
+        raise PipelineError(
+            f"{setting}={directory} is not writable ({error.strerror or error}); choose a writable directory, "
+            f"e.g. {setting}=/tmp/pipeline-cache"
+        ) from error
+
+
 def execution_order(registry: Mapping[str, Stage], requested: Sequence[str]) -> list[str]:
     """Requested stages plus everything they need, upstream first, in registry order."""
     unknown = [name for name in requested if name not in registry]
@@ -119,29 +153,50 @@ class Runner:
         unknown = [name for name in force if name not in self.registry]
         if unknown:
             raise PipelineError(f"unknown stage {unknown[0]!r} in run.force; choose from {', '.join(self.registry)}")
-        for name in execution_order(self.registry, requested):
-            self.results[name] = self._ensure(self.registry[name], force=name in force)
+        order = execution_order(self.registry, requested)
+        ensure_writable(self.cache_dir, "cache.dir")
+        keys = self.plan(order)
+        for name in order:
+            self.results[name] = self._ensure(self.registry[name], *keys[name], force=name in force)
         return self.results
 
-    def key_for(self, stage: Stage) -> tuple[str, dict[str, Any], dict[str, str]]:
-        values = config_slice(self.cfg, stage.config_keys)
-        digests = dict(stage.input_digest(values, self.model_store)) if stage.input_digest else {}
-        upstream = {name: self.results[name].key for name in stage.needs}
-        return cache_key(stage, values, upstream, digests), values, digests
+    def plan(self, order: Sequence[str]) -> dict[str, tuple[str, dict[str, Any], dict[str, str]]]:
+        """{stage: (key, config slice, input digests)} for stages in execution order, upstream first.
 
-    def _ensure(self, stage: Stage, force: bool) -> StageResult:
-        key, values, digests = self.key_for(stage)
+        Computing every key first reads every external input (prompt files, model directories) before any
+        stage runs, so a mistake in them costs no work and writes nothing.
+        """
+        keys: dict[str, tuple[str, dict[str, Any], dict[str, str]]] = {}
+        for name in order:
+            stage = self.registry[name]
+            values = config_slice(self.cfg, stage.config_keys)
+            digests = dict(stage.input_digest(values, self.model_store)) if stage.input_digest else {}
+            upstream = {need: keys[need][0] for need in stage.needs}
+            keys[name] = (cache_key(stage, values, upstream, digests), values, digests)
+        return keys
+
+    def _ensure(self, stage: Stage, key: str, values: dict, digests: dict, force: bool) -> StageResult:
         final = self.cache_dir / stage.name / key
         if not force and self._usable(final, stage.name):
             log.info("%s: cached %s", stage.name, final)
             return StageResult(key, final, True, 0.0)
-        final.parent.mkdir(parents=True, exist_ok=True)
-        with FileLock(str(final.parent / f".{key}.lock")):
+        try:
+            final.parent.mkdir(parents=True, exist_ok=True)
+            lock = FileLock(str(lock_path(final)))
+            lock.acquire()
+        except OSError as error:
+            raise PipelineError(
+                f"{stage.name}: cannot create {final.parent} or its lock ({error.strerror or error}); "
+                "choose a writable cache.dir or free disk space"
+            ) from error
+        try:
             # Another job may have finished this key while we waited for the lock.
-            if not force and self._usable(final, stage.name):
+            if not force and final.exists() and artifacts.verify(final)[0]:
                 return StageResult(key, final, True, 0.0)
             self._remove_stale_temporaries(final)
             return self._compute(stage, key, values, digests, final)
+        finally:
+            lock.release()
 
     def _usable(self, directory: Path, name: str) -> bool:
         if not directory.exists():
@@ -155,11 +210,13 @@ class Runner:
     def _remove_stale_temporaries(final: Path) -> None:
         """Temp dirs for this key belong to killed runs: we hold the key's lock, so nobody live writes them."""
         for stale in final.parent.glob(f".tmp-{final.name}-*"):
+            if not TEMPORARY_PATTERN.fullmatch(stale.name):
+                continue
+            log.warning("removing %s, left by a run that was killed while computing it", stale)
             artifacts.remove_tree(stale)
 
     def _compute(self, stage: Stage, key: str, values: dict, digests: dict, final: Path) -> StageResult:
-        tmp = final.parent / f".tmp-{key}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-        tmp.mkdir()
+        tmp = final.parent / f".tmp-{key}-{os.getpid()}-{uuid.uuid4().hex[:8]}"  # matches TEMPORARY_PATTERN
         started = time.perf_counter()
         context = StageContext(
             config=values,
@@ -171,7 +228,10 @@ class Runner:
         )
         log.info("%s: computing %s", stage.name, key)
         try:
+            tmp.mkdir()
             stage.run(context)
+            if os.environ.get(FAULT_ENV) == stage.name:  # the one test hook, see FAULT_ENV
+                os.kill(os.getpid(), signal.SIGKILL)
             seconds = time.perf_counter() - started
             artifacts.write_manifest(
                 tmp,
@@ -195,9 +255,13 @@ class Runner:
                 artifacts.remove_tree(final)
             os.replace(tmp, final)
         except OSError as error:
-            raise PipelineError(f"{stage.name}: could not write the artifact ({error.strerror}: {error.filename or tmp})") from error
+            raise PipelineError(
+                f"{stage.name}: could not write the artifact ({error.strerror or error}: {error.filename or tmp}); "
+                "free disk space or choose a writable cache.dir"
+            ) from error
         finally:
-            artifacts.remove_tree(tmp)
+            with suppress(OSError):  # a leftover is removed by the next run of this key or by cache gc
+                artifacts.remove_tree(tmp)
         return StageResult(key, final, False, seconds)
 
 

@@ -43,3 +43,6 @@ class Stage:
     input_digest: Callable[[Mapping[str, Any], Path], Mapping[str, str]] | None = None
     """Optional: (config slice, model_store) -> {name: sha256} of external input *contents* (prompt files,
     model fingerprint). Hashed into the cache key so an edited prompt file invalidates `collect`."""
+    data_parallel: bool = False
+    """True when every process of an `accelerate launch`/`torchrun` launch runs `run` together (each on
+    its shard; only the main process writes). Other stages run on the main process alone."""

@@ -23,6 +23,9 @@ import hashlib
 import json
 import math
 import shutil
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, NoReturn
@@ -61,19 +64,36 @@ def _unit(direction: Tensor) -> Tensor:
 
 def _edit(tensor: Tensor, direction: Tensor, scale: float, hidden_axis: int, keep_norms: bool) -> Tensor:
     r = _unit(direction).to(tensor.device)
-    columns = tensor.detach().to(torch.float32).movedim(hidden_axis, -1)
-    if columns.shape[-1] != r.shape[0]:
+    hidden_axis %= tensor.dim()
+    if tensor.shape[hidden_axis] != r.shape[0]:
         raise PipelineError(
-            f"tensor axis {hidden_axis} has length {columns.shape[-1]} but the direction has {r.shape[0]}; "
+            f"tensor axis {hidden_axis} has length {tensor.shape[hidden_axis]} but the direction has {r.shape[0]}; "
             "the measurements come from a different model"
         )
-    edited = columns - scale * (columns @ r).unsqueeze(-1) * r
-    if keep_norms:
-        old_norms = columns.norm(dim=-1, keepdim=True)
-        new_norms = edited.norm(dim=-1, keepdim=True)
-        # A column lying exactly along r vanishes at s=1 and has no direction left to rescale: it stays zero.
-        edited = edited * torch.where(new_norms > 0, old_norms / new_norms, torch.zeros_like(new_norms))
-    return edited.movedim(-1, hidden_axis).to(tensor.dtype).contiguous()
+    # One contiguous float32 copy, edited in place: viewed as [before, hidden, after], every slice is a
+    # matrix whose vectors along `hidden` get a rank-1 update (addr_), with no full-size temporaries.
+    work = tensor.detach().to(torch.float32, memory_format=torch.contiguous_format, copy=True)
+    before, after = math.prod(work.shape[:hidden_axis]), math.prod(work.shape[hidden_axis + 1 :])
+    if after == 1:  # hidden is the last axis (embeddings, biases, gpt-oss experts): rows are the vectors
+        _remove_along(work.view(before, r.shape[0]), r, scale, 1, keep_norms)
+    else:
+        for block in work.view(before, r.shape[0], after):  # before > 1 only for fused experts
+            _remove_along(block, r, scale, 0, keep_norms)
+    return work.to(tensor.dtype)
+
+
+def _remove_along(matrix: Tensor, r: Tensor, scale: float, axis: int, keep_norms: bool) -> None:
+    """In place, for every vector v along `axis` (0: columns, 1: rows) of a float32 matrix:
+    v <- v - s * r (r^T v), then (keep_norms) rescaled to its old norm."""
+    old_norms = matrix.norm(dim=axis, keepdim=True) if keep_norms else None
+    if axis == 0:
+        matrix.addr_(r, r @ matrix, alpha=-scale)
+    else:
+        matrix.addr_(matrix @ r, r, alpha=-scale)
+    if old_norms is not None:
+        new_norms = matrix.norm(dim=axis, keepdim=True)
+        # A vector lying exactly along r vanishes at s=1 and has no direction left to rescale: it stays zero.
+        matrix.mul_(torch.where(new_norms > 0, old_norms / new_norms, torch.zeros_like(new_norms)))
 
 
 def orthogonalize(tensor: Tensor, direction: Tensor, scale: float, hidden_axis: int) -> Tensor:
@@ -187,18 +207,28 @@ def resolve_plan(plan: Mapping[str, Any], directions: Tensor, num_layers: int, e
     )
 
 
-def _edit_for(
-    arch: Architecture, name: str, tensor: Tensor, resolved: ResolvedPlan, num_layers: int, where: Where
-) -> tuple[Tensor, Match | None] | None:
-    """The edited tensor (and its match) when the plan touches `name`, else None."""
-    edit = EDITS[resolved.method]
+def _planned(
+    arch: Architecture, name: str, resolved: ResolvedPlan, num_layers: int, where: Where
+) -> tuple[Tensor, float, int, Match | None] | None:
+    """(unit direction, scale, hidden axis, match) when the plan edits tensor `name`, else None."""
     if resolved.embed_direction is not None and name == arch.embed_names[where]:
-        return edit(tensor, resolved.embed_direction, resolved.embed_scale, 1), None
+        return resolved.embed_direction, resolved.embed_scale, 1, None
     match = residual_writers(arch, name, num_layers, where)
     if match is None or match.layer not in resolved.layers:
         return None
     layer = resolved.layers[match.layer]
-    return edit(tensor, layer.direction, layer.scales[match.component], match.hidden_axis), match
+    return layer.direction, layer.scales[match.component], match.hidden_axis, match
+
+
+def _edit_for(
+    arch: Architecture, name: str, tensor: Tensor, resolved: ResolvedPlan, num_layers: int, where: Where
+) -> tuple[Tensor, Match | None] | None:
+    """The edited tensor (and its match) when the plan touches `name`, else None."""
+    planned = _planned(arch, name, resolved, num_layers, where)
+    if planned is None:
+        return None
+    direction, scale, hidden_axis, match = planned
+    return EDITS[resolved.method](tensor, direction, scale, hidden_axis), match
 
 
 def _check_coverage(resolved: ResolvedPlan, hits: set[tuple[int, str]], arch: Architecture, where: Where) -> None:
@@ -274,12 +304,23 @@ def apply_plan_in_memory(
 # --- on disk ---------------------------------------------------------------------------------
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as stream:
-        for block in iter(lambda: stream.read(1 << 23), b""):
-            digest.update(block)
-    return digest.hexdigest()
+class _Cancelled(Exception):
+    """Internal: the edit failed, so the source hashes running beside it are no longer wanted."""
+
+
+def _hash_files(source_dir: Path, paths: list[Path], stop: threading.Event) -> dict[str, str]:
+    """{path relative to source_dir: sha256}; checks `stop` between 8 MiB blocks so a failed edit
+    does not wait for a whole checkpoint to be hashed."""
+    hashes = {}
+    for path in paths:
+        digest = hashlib.sha256()
+        with path.open("rb") as stream:
+            for block in iter(lambda: stream.read(1 << 23), b""):
+                if stop.is_set():
+                    raise _Cancelled
+                digest.update(block)
+        hashes[str(path.relative_to(source_dir))] = digest.hexdigest()
+    return hashes
 
 
 def _weight_shards(source_dir: Path) -> tuple[list[str], str | None]:
@@ -359,6 +400,67 @@ def _raise_write_error(error: OSError, out_dir: Path) -> NoReturn:
     raise error
 
 
+@contextmanager
+def _cores_left_by_hashing() -> Iterator[None]:
+    """Give torch one thread fewer while the hashing thread runs: its parallel loops slow down 3-4x
+    when they share a core (measured on a busy 2-core machine), and the edit is memory-bound anyway."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(max(1, threads - 1))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _write_edited_copy(
+    source_dir: Path,
+    out_dir: Path,
+    shards: list[str],
+    index_name: str | None,
+    side_files: list[Path],
+    plan: Mapping[str, Any],
+    resolved: ResolvedPlan,
+    arch: Architecture,
+    num_layers: int,
+    progress: bool,
+) -> list[str]:
+    """Stream every shard through the plan into `out_dir`, then copy the index and side files and
+    write the model card; returns the names of the edited tensors."""
+    edited_names: list[str] = []
+    hits: set[tuple[int, str]] = set()
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        for shard in tqdm(shards, desc="ablate: shards", unit="shard", disable=not progress):
+            tensors: dict[str, Tensor] = {}
+            with safe_open(source_dir / shard, framework="pt") as reader:
+                if not any(_planned(arch, name, resolved, num_layers, "disk") for name in reader.keys()):
+                    # Nothing to edit: the kernel copies the file, far faster than re-serializing it.
+                    shutil.copyfile(source_dir / shard, out_dir / shard)
+                    continue
+                metadata = reader.metadata()
+                for name in reader.keys():
+                    tensor = reader.get_tensor(name)
+                    result = _edit_for(arch, name, tensor, resolved, num_layers, "disk")
+                    if result is not None:
+                        tensor, match = result
+                        edited_names.append(name)
+                        hits.add((match.layer, match.component) if match is not None else (-1, "embed"))
+                    tensors[name] = tensor
+            save_tensors(tensors, out_dir / shard, metadata=metadata)
+            del tensors
+        _check_coverage(resolved, hits, arch, "disk")
+        if index_name:
+            shutil.copyfile(source_dir / index_name, out_dir / index_name)
+        for path in side_files:
+            target = out_dir / path.relative_to(source_dir)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(path, target)
+        (out_dir / "README.md").write_text(_model_card(plan, resolved, source_dir, arch))
+    except OSError as error:
+        _raise_write_error(error, out_dir)
+    return edited_names
+
+
 def edit_checkpoint(
     source_dir: Path,
     out_dir: Path,
@@ -386,35 +488,19 @@ def edit_checkpoint(
 
     side_files = list(_side_files(source_dir))
     read_files = [source_dir / shard for shard in shards] + ([source_dir / index_name] if index_name else []) + side_files
-    source_files = {str(path.relative_to(source_dir)): _sha256(path) for path in read_files}
 
-    edited_names: list[str] = []
-    hits: set[tuple[int, str]] = set()
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        for shard in tqdm(shards, desc="ablate: shards", unit="shard", disable=not progress):
-            tensors: dict[str, Tensor] = {}
-            with safe_open(source_dir / shard, framework="pt") as reader:
-                metadata = reader.metadata()
-                for name in reader.keys():
-                    tensor = reader.get_tensor(name)
-                    result = _edit_for(arch, name, tensor, resolved, num_layers, "disk")
-                    if result is not None:
-                        tensor, match = result
-                        edited_names.append(name)
-                        hits.add((match.layer, match.component) if match is not None else (-1, "embed"))
-                    tensors[name] = tensor
-            save_tensors(tensors, out_dir / shard, metadata=metadata)
-            del tensors
-        _check_coverage(resolved, hits, arch, "disk")
-        if index_name:
-            shutil.copyfile(source_dir / index_name, out_dir / index_name)
-        for path in side_files:
-            target = out_dir / path.relative_to(source_dir)
-            target.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(path, target)
-        (out_dir / "README.md").write_text(_model_card(plan, resolved, source_dir, arch))
-    except OSError as error:
-        _raise_write_error(error, out_dir)
+    # The source's sha256 (for the manifest) is computed on a second thread while the shards are edited
+    # and written: hashlib releases the GIL, so hashing overlaps the edit instead of adding a full pass.
+    stop = threading.Event()
+    with ThreadPoolExecutor(max_workers=1) as pool, _cores_left_by_hashing():
+        hashing = pool.submit(_hash_files, source_dir, read_files, stop)
+        try:
+            edited_names = _write_edited_copy(
+                source_dir, out_dir, shards, index_name, side_files, plan, resolved, arch, num_layers, progress
+            )
+        except BaseException:
+            stop.set()
+            raise
+        source_files = hashing.result()
     return {"source": str(source_dir), "source_files": source_files, "edited_tensors": sorted(edited_names)}
 

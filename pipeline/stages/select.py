@@ -9,16 +9,25 @@ exactly what the stage would write.
 
 Selection never writes an empty plan: when nothing qualifies it fails with
 the best qualities it saw and the override that would select them.
+
+With `plan=<ablation.yaml>` the stage selects nothing: it replays that plan
+(a search's winner, a reviewed hand edit) after checking it against the
+measurement, and writes it back in canonical form. The file's sha256 is part
+of the cache key, so editing the file re-runs select and everything after it.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+from pipeline.artifacts import sha256_file
 from pipeline.errors import PipelineError
-from pipeline.plan import DIRECTION_SOURCES, METHODS, write_plan
+from pipeline.paths import user_path
+from pipeline.plan import DIRECTION_SOURCES, METHODS, read_plan, write_plan
 from pipeline.stage import Stage, StageContext
 from pipeline.stages.measure import Measurements, layers_by_quality, plot_quality, read_measurements
 
@@ -26,6 +35,8 @@ MODE_KEYS = ("name", "min_quality", "top_n")
 MODE_IGNORED = ("presets",)
 """The mode group's per-kind presets have already been resolved into min_quality/top_n."""
 SELECT_KEYS = ("relative_min", "skip_first", "skip_last", "direction_from", "scale", "method")
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -198,18 +209,61 @@ def build_plan(measurements: Measurements, settings: SelectionSettings, source_m
     }
 
 
+def replay_path(value: Any) -> Path:
+    """The file named by `plan=`; a path that is not a file is the user's mistake, said in one line."""
+    path = user_path(str(value))
+    if not path.is_file():
+        raise PipelineError(f"plan={value}: {path} does not exist; give the path of an ablation.yaml")
+    return path
+
+
+def replayed_plan(path: Path, measurements: Measurements) -> dict:
+    """The plan in `path`, validated, after checking it was made for a model of the measured shape."""
+    plan = read_plan(path)
+    measured = {"hidden_size": int(measurements.meta["hidden_size"]), "num_layers": int(measurements.meta["num_layers"])}
+    for key, value in measured.items():
+        if plan[key] != value:
+            raise PipelineError(
+                f"plan {path} is for a model with {key}={plan[key]}, the measurement has {value}; "
+                "replay a plan made for this model"
+            )
+    if plan["model_fingerprint"] != measurements.meta["model_fingerprint"]:
+        log.warning("plan %s was made for another checkpoint of the same shape (%s); replaying it anyway", path, plan["model"])
+    return plan
+
+
+def input_digest(config: Mapping[str, Any], model_store: Path) -> dict[str, str]:
+    """The replayed plan's content, so editing the file (not only renaming it) invalidates select."""
+    if config.get("plan") is None:
+        return {}
+    return {"plan": sha256_file(replay_path(config["plan"]))}
+
+
 def run(ctx: StageContext) -> None:
     measure_dir = ctx.inputs["measure"]
     measurements = read_measurements(measure_dir / "measurements.safetensors")
-    plan = build_plan(measurements, settings_from_config(ctx.config), source_measurement=measure_dir.name)
+    if ctx.config.get("plan") is None:
+        plan = build_plan(measurements, settings_from_config(ctx.config), source_measurement=measure_dir.name)
+        title, threshold = f"{plan['model']}: mode {plan['mode']}, selected in red", plan["thresholds"]["min_quality"]
+    else:
+        path = replay_path(ctx.config["plan"])
+        plan = replayed_plan(path, measurements)
+        title, threshold = f"{plan['model']}: replayed {path.name}, planned layers in red", None
     write_plan(ctx.out_dir / "ablation.yaml", plan)
     plot_quality(
         ctx.out_dir / "selection.png",
         measurements.quality,
-        title=f"{plan['model']}: mode {plan['mode']}, selected in red",
+        title=title,
         selected=[entry["layer"] for entry in plan["layers"]],
-        threshold=plan["thresholds"]["min_quality"],
+        threshold=threshold,
     )
 
 
-STAGE = Stage(name="select", version="1", needs=("measure",), config_keys=("mode", "select"), run=run)
+STAGE = Stage(
+    name="select",
+    version="1",
+    needs=("measure",),
+    config_keys=("mode", "select", "plan"),
+    run=run,
+    input_digest=input_digest,
+)

@@ -1,0 +1,203 @@
+"""The sweep summary: after `python -m pipeline -m ...`, one table and one plot for the whole sweep.
+
+Each job writes `run.json` into its own directory (`pipeline.__main__.run_pipeline`); the evaluate
+stage's `metrics.json` holds its numbers. `SweepSummary`, a Hydra callback registered in
+`conf/config.yaml`, reads them back from disk when the sweep ends (so it works with any launcher)
+and writes into the sweep directory:
+
+* `summary.csv`: one row per job (overrides, layers, refusal before/after, KL, cache use, time, error);
+* `pareto.png`: refusal-after against KL, with the Pareto front (both minimized) marked and joined,
+  each point labelled with the overrides that vary across the sweep.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig
+
+log = logging.getLogger(__name__)
+
+SUMMARY_CSV = "summary.csv"
+PARETO_PNG = "pareto.png"
+COLUMNS = (
+    "job",
+    "overrides",
+    "layers",
+    "refusal_before",
+    "refusal_after",
+    "kl_divergence",
+    "stages",
+    "cached_stages",
+    "seconds",
+    "error",
+)
+
+
+@dataclass(frozen=True)
+class JobSummary:
+    """What one sweep job produced; metrics are None when the job did not finish evaluate."""
+
+    job: str
+    overrides: tuple[str, ...]
+    stages: int
+    cached_stages: int
+    seconds: float
+    layers: tuple[int, ...] | None = None
+    refusal_before: float | None = None
+    refusal_after: float | None = None
+    kl_divergence: float | None = None
+    error: str = ""
+
+    @property
+    def evaluated(self) -> bool:
+        return self.refusal_after is not None and self.kl_divergence is not None
+
+
+def pareto_front(points: Sequence[tuple[float, float]]) -> list[int]:
+    """Indices of the points no other point dominates (both coordinates minimized), by x then y.
+
+    A point is dominated when another is <= in both coordinates and < in at least one; equal points
+    do not dominate each other, so duplicates on the front are all kept.
+    """
+
+    def dominated(i: int) -> bool:
+        x, y = points[i]
+        return any(ox <= x and oy <= y and (ox < x or oy < y) for ox, oy in points)
+
+    return sorted((i for i in range(len(points)) if not dominated(i)), key=lambda i: (points[i], i))
+
+
+def read_job(run_json: Path, sweep_dir: Path) -> JobSummary:
+    """One job's row, from its run.json and (when evaluate finished) the evaluate artifact's metrics.json."""
+    run = json.loads(run_json.read_text(encoding="utf-8"))
+    stages = run.get("stages", {})
+    row: dict[str, Any] = {
+        "job": run_json.parent.relative_to(sweep_dir).as_posix(),
+        "overrides": tuple(run.get("overrides", [])),
+        "stages": len(stages),
+        "cached_stages": sum(bool(stage["cached"]) for stage in stages.values()),
+        "seconds": round(sum(float(stage["seconds"]) for stage in stages.values()), 3),
+        "error": run.get("error", ""),
+    }
+    if "evaluate" in stages:
+        metrics = json.loads((Path(stages["evaluate"]["dir"]) / "metrics.json").read_text(encoding="utf-8"))
+        row.update(
+            layers=tuple(int(layer) for layer in metrics["layers"]),
+            refusal_before=float(metrics["refusal_before"]["rate"]),
+            refusal_after=float(metrics["refusal_after"]["rate"]),
+            kl_divergence=float(metrics["kl_divergence"]),
+        )
+    return JobSummary(**row)
+
+
+def _job_order(job: JobSummary) -> tuple:
+    return (0, int(job.job), "") if job.job.isdigit() else (1, 0, job.job)
+
+
+def collect_jobs(sweep_dir: Path, since: float = 0.0) -> list[JobSummary]:
+    """Every job under `sweep_dir` whose run.json was written at or after `since` (epoch seconds).
+
+    `since` keeps a rerun into an existing sweep directory from picking up jobs of an older, larger sweep.
+    """
+    paths = [path for path in sweep_dir.rglob("run.json") if path.stat().st_mtime >= since]
+    return sorted((read_job(path, sweep_dir) for path in paths), key=_job_order)
+
+
+def varying_overrides(jobs: Sequence[JobSummary]) -> list[tuple[str, ...]]:
+    """Per job, the overrides not shared by every job: what tells the sweep points apart."""
+    common = set.intersection(*(set(job.overrides) for job in jobs)) if jobs else set()
+    return [tuple(item for item in job.overrides if item not in common) for job in jobs]
+
+
+def _number(value: float | None) -> str:
+    return "" if value is None else f"{value:.6g}"
+
+
+def write_summary_csv(jobs: Sequence[JobSummary], path: Path) -> None:
+    """summary.csv: a job's overrides and layers are space-separated, missing metrics are empty cells."""
+    with open(path, "w", encoding="utf-8", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(COLUMNS)
+        for job in jobs:
+            writer.writerow(
+                [
+                    job.job,
+                    " ".join(job.overrides),
+                    "" if job.layers is None else " ".join(str(layer) for layer in job.layers),
+                    _number(job.refusal_before),
+                    _number(job.refusal_after),
+                    _number(job.kl_divergence),
+                    job.stages,
+                    job.cached_stages,
+                    _number(job.seconds),
+                    job.error,
+                ]
+            )
+
+
+def plot_pareto(jobs: Sequence[JobSummary], path: Path) -> None:
+    """pareto.png: evaluated jobs as points, the Pareto front highlighted and joined in refusal order."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = varying_overrides(jobs)
+    shown = [(job, label) for job, label in zip(jobs, labels) if job.evaluated]
+    points = [(job.refusal_after, job.kl_divergence) for job, _ in shown]
+    front = pareto_front(points)
+    figure, axes = plt.subplots(figsize=(8, 6))
+    if points:
+        axes.scatter(*zip(*points), color="tab:gray", label="sweep point")
+        front_points = [points[i] for i in front]
+        axes.plot(*zip(*front_points), color="tab:red", marker="o", label="Pareto front")
+        for (job, label), (x, y) in zip(shown, points):
+            text = f"#{job.job} " + " ".join(label) if label else f"#{job.job}"
+            axes.annotate(text, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
+        axes.legend()
+    else:
+        axes.text(0.5, 0.5, "no job finished evaluate", ha="center", va="center", transform=axes.transAxes)
+    failed = len(jobs) - len(shown)
+    axes.set_title(f"{len(shown)} evaluated jobs" + (f", {failed} without metrics (see summary.csv)" if failed else ""))
+    axes.set_xlabel("refusal rate after ablation (lower is better)")
+    axes.set_ylabel("KL divergence on harmless prompts (lower is better)")
+    axes.grid(True, alpha=0.3)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+def summarize_sweep(sweep_dir: Path, since: float = 0.0) -> list[JobSummary]:
+    """Write summary.csv and pareto.png into `sweep_dir`; returns the jobs they describe."""
+    jobs = collect_jobs(sweep_dir, since)
+    write_summary_csv(jobs, sweep_dir / SUMMARY_CSV)
+    plot_pareto(jobs, sweep_dir / PARETO_PNG)
+    return jobs
+
+
+class SweepSummary(Callback):
+    """Hydra callback: `summarize_sweep` over the jobs of this multirun when it ends."""
+
+    def __init__(self) -> None:
+        self.started = 0.0
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        # Whole seconds: some filesystems store mtimes coarser than time.time().
+        self.started = float(int(time.time()))
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        # A relative sweep dir is relative to the launch directory, which is the cwd again once jobs end.
+        sweep_dir = Path(str(config.hydra.sweep.dir)).absolute()
+        jobs = summarize_sweep(sweep_dir, self.started)
+        failed = [job.job for job in jobs if job.error]
+        log.info("sweep summary: %s, %s (%d jobs)", sweep_dir / SUMMARY_CSV, sweep_dir / PARETO_PNG, len(jobs))
+        if failed:
+            log.warning("%d of %d jobs failed (%s); their errors are in summary.csv", len(failed), len(jobs), ", ".join(failed))

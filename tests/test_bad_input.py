@@ -1,0 +1,317 @@
+"""Bad input gets a clear error and loses nothing: the table in docs/troubleshooting.md, one row each.
+
+Every row runs the real entry point (`python -m pipeline` through `cli()` in this process, or
+`python -m pipeline.regen`) and asserts: a non-zero exit status, a last stderr line that names the
+problem and the fix in one line, no traceback, and no change to the cache (or the configs folder for
+regen): same files, same bytes. The cache starts as a copy of a finished tiny run, so a row that fails
+at a late stage shows that the finished upstream work survives.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import shutil
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import pytest
+import torch
+import yaml
+from omegaconf import OmegaConf
+
+from pipeline.architectures import ARCHITECTURES
+from pipeline.models import resolve_model_dir
+from pipeline.regen import main as regen_main
+from pipeline.stages.measure import COPIED_METADATA, DIRECTION_TENSORS, STATISTIC_TENSORS, Measurements, write_measurements
+from tiny_pipeline import SMALL, compose_config, model_store, reference, run_cli, run_command, snapshot  # noqa: F401
+
+
+@dataclass(frozen=True)
+class Scene:
+    """Where a row runs: a scratch dir, its cache (a copy of the reference run's), the model store, and
+    the reference run.json."""
+
+    tmp: Path
+    cache: Path
+    store: Path
+    reference: dict
+
+
+@dataclass(frozen=True)
+class Row:
+    """One bad input: the overrides typed, what the one-line message must say, how to set the scene."""
+
+    args: tuple[str, ...]
+    says: tuple[str, ...]
+    setup: Callable[[Scene], None] | None = None
+    """Writes the files the args name as {tmp}/..."""
+    patch: Callable[[pytest.MonkeyPatch], None] | None = None
+    skip_unless: Callable[[Path], str | None] | None = None
+    """Returns a reason to skip (e.g. root can read a chmod 000 file), checked after setup."""
+    env: dict[str, str] = field(default_factory=dict)
+
+
+def tiny_checkpoint(scene: Scene) -> Path:
+    """A copy of the tiny model's files without weights, to be completed by each row."""
+    source = resolve_model_dir(compose_config(["model=tiny"]).model, scene.store)
+    target = scene.tmp / "checkpoint"
+    target.mkdir()
+    for path in source.iterdir():
+        if path.is_file() and not path.name.endswith(".safetensors") and path.name != "manifest.json":
+            shutil.copyfile(path, target / path.name)
+    return target
+
+
+def bert_checkpoint(scene: Scene) -> None:
+    checkpoint = tiny_checkpoint(scene)
+    config = json.loads((checkpoint / "config.json").read_text())
+    (checkpoint / "config.json").write_text(json.dumps({**config, "model_type": "bert"}))
+    (checkpoint / "model.safetensors").write_bytes(b"not safetensors: reading weights would fail differently")
+
+
+def pickle_only_checkpoint(scene: Scene) -> None:
+    (tiny_checkpoint(scene) / "pytorch_model.bin").write_bytes(b"\x80\x04never unpickled")
+
+
+def empty_prompt_file(scene: Scene) -> None:
+    (scene.tmp / "empty.txt").write_text("")
+
+
+def unreadable_prompt_file(scene: Scene) -> None:
+    (scene.tmp / "secret.txt").write_text("how do I pick a lock?\n" * 3)
+    (scene.tmp / "secret.txt").chmod(0)
+
+
+def permission_denied_on_read(monkeypatch: pytest.MonkeyPatch) -> None:
+    """What a non-root user gets from reading a chmod 000 file, for machines where tests run as root."""
+    read_bytes = Path.read_bytes
+
+    def denied(path: Path) -> bytes:
+        if path.name == "secret.txt":
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(path))
+        return read_bytes(path)
+
+    monkeypatch.setattr(Path, "read_bytes", denied)
+
+
+def root_reads_anyway(tmp: Path) -> str | None:
+    return "root reads a chmod 000 file" if os.access(tmp / "secret.txt", os.R_OK) else None
+
+
+def plan_with_layer_7(scene: Scene) -> None:
+    """The reference plan (4-layer model) edited to ablate layer 7."""
+    plan = yaml.safe_load((Path(scene.reference["stages"]["select"]["dir"]) / "ablation.yaml").read_text())
+    plan["layers"][0] = {**plan["layers"][0], "layer": 7, "direction_from": 7}
+    (scene.tmp / "ablation.yaml").write_text(yaml.safe_dump(plan))
+
+
+def read_only_cache(scene: Scene) -> None:
+    scene.cache.chmod(0o555)
+
+
+def root_writes_anyway(tmp: Path) -> str | None:
+    return "root writes into a chmod 555 directory" if os.access(tmp / "cache", os.W_OK) else None
+
+
+def a_regular_file(scene: Scene) -> None:
+    (scene.tmp / "a-file").write_text("a file, not a directory\n")
+
+
+def disk_full(monkeypatch: pytest.MonkeyPatch) -> None:
+    def no_space(tensors, filename, metadata=None):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(filename))
+
+    monkeypatch.setattr("safetensors.torch.save_file", no_space)
+
+
+def hub_offline(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)  # read at import; the env var is set too
+
+
+FAMILIES = ", ".join(sorted(ARCHITECTURES))
+ROWS = {
+    "unknown model preset": Row(("model=nope",), ("model=nope: no such model preset; choose one of", "qwen25_coder_05b", "tiny_moe")),
+    "mode.top_n not a number": Row(("mode.top_n=abc",), ("mode.top_n must be an integer, got 'abc'",)),
+    "override syntax": Row(("run.stages=[collect",), ("cannot parse override 'run.stages=[collect'",)),
+    "unknown config key": Row(("mode.nope=3",), ("Could not override 'mode.nope'", "use +mode.nope=3")),
+    "missing local model dir": Row(
+        ("model.source=local", "model.id=/nonexistent"), ("model directory /nonexistent does not exist; set model.id",)
+    ),
+    "hub id while offline": Row(
+        ("model.source=hub", "model.id=org/does-not-exist"),
+        ("hub model 'org/does-not-exist' could not be fetched (HF_HUB_OFFLINE is set", "model.source=local"),
+        patch=hub_offline,
+        env={"HF_HUB_OFFLINE": "1"},
+    ),
+    "unknown architecture": Row(
+        ("model.source=local", "model.id={tmp}/checkpoint"),
+        (f"model_type 'bert' is not supported; supported families: {FAMILIES}",),
+        setup=bert_checkpoint,
+    ),
+    "checkpoint without safetensors": Row(
+        ("model.source=local", "model.id={tmp}/checkpoint"),
+        ("has only pytorch_model.bin; we load safetensors only and never unpickle", "safe_serialization=True"),
+        setup=pickle_only_checkpoint,
+    ),
+    "empty prompt file": Row(
+        ("prompts.harmful.source={tmp}/empty.txt",), ("prompt file {tmp}/empty.txt contains no prompts",),
+        setup=empty_prompt_file,
+    ),
+    "unreadable prompt file": Row(
+        ("prompts.harmful.source={tmp}/secret.txt",), ("{tmp}/secret.txt is not readable (permission denied)",),
+        setup=unreadable_prompt_file,
+        skip_unless=root_reads_anyway,
+    ),
+    "unreadable prompt file (simulated)": Row(
+        ("prompts.harmful.source={tmp}/secret.txt",), ("{tmp}/secret.txt is not readable (permission denied)",),
+        setup=unreadable_prompt_file,
+        patch=permission_denied_on_read,
+    ),
+    "mode.top_n=0": Row(("mode.top_n=0",), ("mode.top_n must be >= 1, got 0",)),
+    "mode.min_quality=-1": Row(("mode.min_quality=-1",), ("mode.min_quality must be >= 0, got -1",)),
+    "unknown stage": Row(
+        ("run.stages=[nope]",), ("unknown stage 'nope' in run.stages; choose from collect, baseline, measure",)
+    ),
+    "plan layer out of range": Row(
+        ("plan={tmp}/ablation.yaml",), ("{tmp}/ablation.yaml is not an ablation plan: layer 7 is outside 0..3",),
+        setup=plan_with_layer_7,
+    ),
+    "cache dir read-only": Row(
+        ("cache.dir={tmp}/cache",), ("cache.dir={tmp}/cache is not writable (Permission denied)",),
+        setup=read_only_cache,
+        skip_unless=root_writes_anyway,
+    ),
+    "cache dir under a file": Row(
+        ("cache.dir={tmp}/a-file/cache",),
+        ("cache.dir={tmp}/a-file/cache is not writable (Not a directory); choose a writable directory",),
+        setup=a_regular_file,
+    ),
+    "run dir under a file": Row(
+        ("hydra.run.dir={tmp}/a-file/run",), ("cannot write {tmp}/a-file/run: Not a directory",), setup=a_regular_file
+    ),
+    "disk full during ablate": Row(
+        ("run.stages=[ablate]", "run.force=[ablate]"),
+        ("model/model.safetensors: No space left on device; free disk space",),
+        patch=disk_full,
+    ),
+}
+
+
+@pytest.fixture
+def scene(tmp_path: Path, reference, model_store: Path) -> Scene:  # noqa: F811
+    reference_cache, summary = reference
+    shutil.copytree(reference_cache, tmp_path / "cache")
+    return Scene(tmp=tmp_path, cache=tmp_path / "cache", store=model_store, reference=summary)
+
+
+def one_line_error(status: int, err: str) -> str:
+    """The last stderr line, after checking it is the only error report and nothing crashed."""
+    assert status == 2, err[-3000:]
+    assert "Traceback" not in err, err[-3000:]
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert lines and lines[-1].startswith("error: "), err[-3000:]
+    assert sum(line.startswith("error: ") for line in lines) == 1, err[-3000:]
+    return lines[-1]
+
+
+def args_with(base: tuple[str, ...], row_args: list[str]) -> list[str]:
+    """Base overrides minus any key the row sets itself (Hydra refuses a group chosen twice)."""
+    keys = {arg.split("=", 1)[0] for arg in row_args}
+    return [arg for arg in base if arg.split("=", 1)[0] not in keys] + row_args
+
+
+@pytest.mark.parametrize("name", list(ROWS))
+def test_bad_input(name, scene, capsys, monkeypatch):
+    row = ROWS[name]
+    tmp = scene.tmp
+    if row.setup:
+        row.setup(scene)
+    if row.skip_unless and (reason := row.skip_unless(tmp)):
+        pytest.skip(reason)
+    if row.patch:
+        row.patch(monkeypatch)
+    for key, value in row.env.items():
+        monkeypatch.setenv(key, value)
+    base = (*SMALL, f"cache.dir={scene.cache}", f"cache.models={scene.store}", f"hydra.run.dir={tmp / 'run'}")
+    before = snapshot(scene.cache, scene.store)
+    try:
+        line = one_line_error(*run_cli(args_with(base, [arg.format(tmp=tmp) for arg in row.args]), capsys, monkeypatch))
+    finally:
+        for path in (scene.cache, tmp / "secret.txt"):
+            if path.exists():
+                path.chmod(0o755)
+    for fragment in row.says:
+        assert fragment.format(tmp=tmp) in line
+    assert snapshot(scene.cache, scene.store) == before
+
+
+# --- python -m pipeline.regen: measurements from elsewhere ---------------------------------------
+
+
+def settings_file(folder: Path) -> None:
+    """A select.yaml with the settings of the composed tiny config."""
+    config = compose_config(list(SMALL))
+    mode = {key: value for key, value in OmegaConf.to_container(config.mode, resolve=True).items() if key != "presets"}
+    folder.mkdir(parents=True)
+    (folder / "select.yaml").write_text(yaml.safe_dump({"mode": mode, "select": OmegaConf.to_container(config.select)}))
+
+
+def foreign_measurement(folder: Path, plan: Path) -> None:
+    """A 24-layer, 896-wide measurement (a 0.5B model's shape) beside a plan made for the 64-wide tiny model."""
+    generator = torch.Generator().manual_seed(0)
+    tensors = {name: torch.randn(24, 896, generator=generator) for name in DIRECTION_TENSORS}
+    tensors |= {name: torch.rand(24, generator=generator, dtype=torch.float64) for name in STATISTIC_TENSORS}
+    meta = {key: "x" for key in COPIED_METADATA} | {"hidden_size": "896", "num_layers": "24", "formula_version": "1"}
+    write_measurements(folder / "measurements.safetensors", Measurements(meta=meta, tensors=tensors))
+    shutil.copyfile(plan, folder / "ablation.yaml")
+
+
+def pickled_measurement(folder: Path, plan: Path) -> None:
+    (folder / "measurements.pt").write_bytes(b"\x80\x04never unpickled")
+
+
+REGEN_ROWS = {
+    "measurement from a model of another hidden size": (
+        foreign_measurement,
+        "measurements.safetensors is from a model with hidden size 896, this model has 64; measure this model",
+    ),
+    ".pt offered as measurements": (pickled_measurement, "measurements.pt: we never unpickle; measurements must be .safetensors"),
+}
+
+
+@pytest.mark.parametrize("name", list(REGEN_ROWS))
+def test_bad_input_regen(name, tmp_path, reference, capsys):  # noqa: F811
+    build, says = REGEN_ROWS[name]
+    folder = tmp_path / "configs" / "borrowed"
+    settings_file(folder)
+    build(folder, Path(reference[1]["stages"]["select"]["dir"]) / "ablation.yaml")
+    before = snapshot(tmp_path / "configs")
+
+    status = regen_main(["--configs", str(tmp_path / "configs")])
+
+    line = one_line_error(status, capsys.readouterr().err)
+    assert says in line
+    assert snapshot(tmp_path / "configs") == before
+
+
+# --- the real command line maps both error kinds to one line and status 2 --------------------------
+
+
+@pytest.mark.parametrize(
+    "args, says",
+    [
+        (["run.stages=[nope]"], "error: unknown stage 'nope' in run.stages; choose from collect, baseline, measure"),
+        (["model=nope"], "error: model=nope: no such model preset; choose one of deepseek_v3,"),
+    ],
+    ids=["PipelineError", "Hydra error"],
+)
+def test_the_command_line_prints_one_line_and_exits_2(args, says, tmp_path):
+    result = run_command([sys.executable, "-m", "pipeline", *args, f"cache.dir={tmp_path / 'cache'}",
+                          f"hydra.run.dir={tmp_path / 'run'}"])
+    assert result.returncode == 2
+    assert result.stderr.startswith(says) and result.stderr.count("\n") == 1, result.stderr
+    assert not (tmp_path / "cache").exists()

@@ -1,0 +1,122 @@
+"""Shared helpers for the reliability tests: the tiny pipeline in process, as a CLI, and cache snapshots.
+
+Imported by test_runner.py, test_faults.py and test_bad_input.py. The session fixtures here write into
+pytest's base temp directory under fixed names, so the second module that asks for the reference run
+finds every stage in the cache and pays only for key computation.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Sequence
+
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig
+
+import pipeline
+from pipeline.__main__ import cli, run_pipeline
+
+ROOT = Path(pipeline.__file__).resolve().parents[1]
+CONF = ROOT / "pipeline" / "conf"
+SMALL = (
+    "model=tiny",
+    "mode.min_quality=0",
+    "prompts.n_train=16",
+    "prompts.n_eval=8",
+    "eval.kl_prompts=8",
+    "eval.max_new_tokens=4",
+    "run.progress=false",
+)
+"""The whole pipeline in a few seconds: tiny random Qwen2, 16 train / 8 eval prompts per class."""
+STAGES = ("collect", "baseline", "measure", "select", "ablate", "evaluate")
+
+
+def compose_config(overrides: Sequence[str]) -> DictConfig:
+    """The config `python -m pipeline <overrides>` would run, composed without starting a Hydra job."""
+    with initialize_config_dir(config_dir=str(CONF), version_base=None):
+        return compose(config_name="config", overrides=list(overrides))
+
+
+def run_in_process(overrides: Sequence[str], output_dir: Path | None = None) -> dict:
+    """run.json's content for SMALL + overrides (later overrides win)."""
+    return run_pipeline(compose_config([*SMALL, *overrides]), output_dir)
+
+
+def run_cli(args: Sequence[str], capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch) -> tuple[int, str]:
+    """(exit status, stderr) of `python -m pipeline <args>`, run in this process through the real entry point.
+
+    HYDRA_MAIN_MODULE=__main__ makes Hydra find conf/ next to pipeline/__main__.py, as under `python -m`
+    (imported, the module is `pipeline.__main__` and Hydra would look for a `pipeline.conf` package).
+    Hydra reconfigures the root logger for each job; its handlers are put back afterwards so later tests do
+    not log into a closed capture stream.
+    """
+    monkeypatch.setattr(sys, "argv", ["pipeline", *args])
+    monkeypatch.setenv("HYDRA_MAIN_MODULE", "__main__")
+    monkeypatch.delenv("HYDRA_FULL_ERROR", raising=False)
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    capsys.readouterr()
+    try:
+        cli()
+        status = 0
+    except SystemExit as exit_:
+        status = exit_.code if isinstance(exit_.code, int) else 1
+    finally:
+        for handler in root.handlers:
+            if handler not in handlers:
+                handler.close()
+        root.handlers[:], root.level = handlers, level
+    return status, capsys.readouterr().err
+
+
+def pipeline_command(*overrides: str) -> list[str]:
+    return [sys.executable, "-m", "pipeline", *SMALL, *overrides]
+
+
+def subprocess_env(**extra: str) -> dict[str, str]:
+    env = {**os.environ, **extra}
+    env.pop("HYDRA_FULL_ERROR", None)
+    return env
+
+
+def run_command(command: Sequence[str], timeout: float = 180, **env: str) -> subprocess.CompletedProcess:
+    return subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=subprocess_env(**env))
+
+
+def snapshot(*directories: Path) -> dict[str, str]:
+    """{path: sha256 | "dir"} of everything under the directories, lock files excluded.
+
+    Lock files are coordination, not content: the runner creates `<stage>/.<key>.lock` before it
+    knows whether the stage will succeed, and must never delete one (see pipeline/cache.py).
+    """
+    entries = {}
+    for directory in directories:
+        for path in sorted(directory.rglob("*")):
+            if path.name.endswith(".lock"):
+                continue
+            entries[str(path)] = "dir" if path.is_dir() else hashlib.sha256(path.read_bytes()).hexdigest()
+    return entries
+
+
+def temporaries(cache: Path) -> list[Path]:
+    return sorted(cache.rglob(".tmp-*"))
+
+
+@pytest.fixture(scope="session")
+def model_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One materialized tiny model for every test (`cache.models=<this>`)."""
+    return tmp_path_factory.getbasetemp() / "shared-model-store"
+
+
+@pytest.fixture(scope="session")
+def reference(tmp_path_factory: pytest.TempPathFactory, model_store: Path) -> tuple[Path, dict]:
+    """(cache dir, run.json) of one uninterrupted SMALL run of every stage: what faulted runs must reproduce."""
+    cache = tmp_path_factory.getbasetemp() / "reference-cache"
+    summary = run_in_process([f"cache.dir={cache}", f"cache.models={model_store}"])
+    return cache, summary
