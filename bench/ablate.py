@@ -6,13 +6,16 @@ whatever the model's size. This bench re-saves the packaged 0.5B model into many
 shards, then, side by side on the same machine:
 
 * times `shutil.copyfile` of every file into a fresh directory, and `edit_checkpoint` with a
-  plan over every decoder layer (random unit directions) into another, alternating which runs
-  first and reporting medians; every source file is read once beforehand so both start from
-  the same, warm page cache. The edit runs in a child process; its time is taken inside the
-  child around `edit_checkpoint`, so interpreter start-up and imports are not counted; it
-  includes the sha256 of every source file (for the manifest), whose own wall time is reported too.
+  plan over every decoder layer (random unit directions) into another, with and without the
+  source hashing, rotating which runs first and reporting medians; every source file is read once beforehand so both start from
+  the same, warm page cache. The edit runs in a child process and is timed inside it, around
+  `edit_checkpoint` only (interpreter start-up and imports are not counted). That time includes
+  the sha256 of every source file (for the manifest), computed on a thread beside the edit; the
+  thread's own time, and the time to hash the files alone, are reported too. CPU seconds are
+  printed next to wall seconds: on a shared machine they move much less from run to run.
 * reads the children's peak RSS (`getrusage(RUSAGE_CHILDREN)`) after a child that only imports
-  torch and safetensors (the floor), and again after the edit children.
+  torch and safetensors (the floor), and again after the edit children. The parent itself never
+  loads a model: a child inherits its parent's peak RSS into ru_maxrss.
 
     python bench/ablate.py --work /tmp/me/bench-ablate
 
@@ -24,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import resource
 import shutil
@@ -39,6 +43,7 @@ MODEL_GLOB = "qwen25_coder_05b-*"
 SEED = 0
 GIB = 1 << 30
 MIB = 1 << 20
+TASKS = ["copy", "edit", "edit-unhashed"]
 
 
 def packaged_model(models_dir: Path) -> Path:
@@ -50,28 +55,18 @@ def packaged_model(models_dir: Path) -> Path:
 
 
 def reshard(source: Path, target: Path, shard_size: str) -> Path:
-    """`save_pretrained(max_shard_size=shard_size)` of `source` into `target` (reused when already done).
-
-    Done in a child: a parent that once held the model would pass its peak RSS on to every child
-    it forks, and RUSAGE_CHILDREN would report the parent's model instead of the children's work.
-    """
+    """`save_pretrained(max_shard_size=shard_size)` of `source` into `target` (reused when already done)."""
     stamp = target / "bench-source.json"
     wanted = {"source": str(source), "manifest": (source / "manifest.json").read_text(), "shard_size": shard_size}
     if stamp.is_file() and json.loads(stamp.read_text()) == wanted:
         return target
     shutil.rmtree(target, ignore_errors=True)
-    subprocess.run([sys.executable, __file__, "--child-reshard", str(source), str(target), shard_size], check=True)
+    run_child("--child-reshard", str(source), str(target), shard_size)
     for path in source.iterdir():  # tokenizer and chat template: edit_checkpoint copies them too
         if path.is_file() and path.suffix != ".safetensors" and path.name != "manifest.json" and not (target / path.name).exists():
             shutil.copyfile(path, target / path.name)
     stamp.write_text(json.dumps(wanted))
     return target
-
-
-def child_reshard(source: Path, target: Path, shard_size: str) -> None:
-    from transformers import AutoModelForCausalLM
-
-    AutoModelForCausalLM.from_pretrained(source, dtype="auto").save_pretrained(target, max_shard_size=shard_size)
 
 
 def checkpoint_files(directory: Path) -> list[Path]:
@@ -85,26 +80,37 @@ def warm_page_cache(files: list[Path]) -> None:
                 pass
 
 
-def copy_seconds(files: list[Path], out_dir: Path) -> float:
+def timed_copy(files: list[Path], out_dir: Path) -> dict:
     out_dir.mkdir(parents=True)
-    started = time.perf_counter()
+    wall, cpu = time.perf_counter(), time.process_time()
     for path in files:
         shutil.copyfile(path, out_dir / path.name)
-    return time.perf_counter() - started
+    return {"seconds": time.perf_counter() - wall, "cpu": time.process_time() - cpu}
 
 
-def edit_in_child(source: Path, out_dir: Path) -> dict:
-    """Run `--child-edit` in a fresh interpreter; returns its timings."""
-    result = subprocess.run(
-        [sys.executable, __file__, "--child-edit", str(source), str(out_dir)], capture_output=True, text=True, check=False
-    )
+def run_child(*args: str) -> dict:
+    """Run this script with a --child-* mode in a fresh interpreter; returns the JSON it prints last."""
+    result = subprocess.run([sys.executable, __file__, *args], capture_output=True, text=True, check=False)
     if result.returncode != 0:
-        sys.exit(f"edit child failed:\n{result.stderr[-3000:]}")
-    return json.loads(result.stdout.strip().splitlines()[-1])
+        sys.exit(f"child {args[0]} failed:\n{result.stderr[-3000:]}")
+    lines = result.stdout.strip().splitlines()
+    return json.loads(lines[-1]) if lines else {}
 
 
-def child_edit(source: Path, out_dir: Path) -> None:
-    """In the child: edit every decoder layer of `source` into `out_dir`, print timings as JSON."""
+# --- children: these import torch; the parent never does -------------------------------------------
+
+
+def child_reshard(source: Path, target: Path, shard_size: str) -> None:
+    from transformers import AutoModelForCausalLM
+
+    AutoModelForCausalLM.from_pretrained(source, dtype="auto").save_pretrained(target, max_shard_size=shard_size)
+
+
+def child_edit(source: Path, out_dir: Path, hashed: bool) -> None:
+    """Edit every decoder layer of `source` into `out_dir`; print wall, CPU and hashing seconds as JSON.
+
+    With `hashed` False the source sha256 is replaced by nothing: what the edit path alone costs.
+    """
     import torch
 
     from pipeline import weight_edit
@@ -112,29 +118,46 @@ def child_edit(source: Path, out_dir: Path) -> None:
 
     config = json.loads((source / "config.json").read_text())
     num_layers, hidden = num_decoder_layers(config), int(text_config(config)["hidden_size"])
-    generator = torch.Generator().manual_seed(SEED)
-    directions = torch.randn(num_layers, hidden, generator=generator)
+    directions = torch.randn(num_layers, hidden, generator=torch.Generator().manual_seed(SEED))
     directions /= directions.norm(dim=-1, keepdim=True)
     plan = {
         "model": "bench",
         "method": "orthogonal",
         "layers": [{"layer": layer, "direction_from": layer, "scale": 1.0} for layer in range(num_layers)],
     }
-    hashing = [0.0]
+    hashing = {"seconds": 0.0}
     hash_files = weight_edit._hash_files
 
     def timed_hash_files(*args, **kwargs) -> dict:
         started = time.perf_counter()
         try:
-            return hash_files(*args, **kwargs)
+            return hash_files(*args, **kwargs) if hashed else {}
         finally:
-            hashing[0] += time.perf_counter() - started
+            hashing["seconds"] += time.perf_counter() - started
 
     weight_edit._hash_files = timed_hash_files
-    started = time.perf_counter()
+    wall, cpu = time.perf_counter(), time.process_time()
     report = weight_edit.edit_checkpoint(source, out_dir, plan, directions, progress=False)
-    seconds = time.perf_counter() - started
-    print(json.dumps({"seconds": seconds, "hash_seconds": hashing[0], "edited": len(report["edited_tensors"])}))
+    print(json.dumps({
+        "seconds": time.perf_counter() - wall,
+        "cpu": time.process_time() - cpu,
+        "hash_seconds": hashing["seconds"],
+        "edited": len(report["edited_tensors"]),
+    }))
+
+
+def child_hash(source: Path) -> None:
+    """sha256 of every checkpoint file, exactly as edit_checkpoint computes it, and nothing else."""
+    import threading
+
+    from pipeline.weight_edit import _hash_files
+
+    wall, cpu = time.perf_counter(), time.process_time()
+    _hash_files(source, checkpoint_files(source), threading.Event())
+    print(json.dumps({"seconds": time.perf_counter() - wall, "cpu": time.process_time() - cpu}))
+
+
+# --- the bench ------------------------------------------------------------------------------------
 
 
 def children_peak_rss() -> int:
@@ -142,59 +165,75 @@ def children_peak_rss() -> int:
     return resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
 
 
+def median(runs: list[dict], key: str = "seconds") -> float:
+    return statistics.median(run[key] for run in runs)
+
+
+def listed(runs: list[dict]) -> str:
+    return ", ".join(f"{run['seconds']:.2f}" for run in runs)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--source", type=Path, help=f"checkpoint to re-shard (default: {DEFAULT_MODELS}/{MODEL_GLOB})")
     parser.add_argument("--work", type=Path, default=Path("/tmp/bench-ablate"), help="scratch directory (needs ~3x the model)")
     parser.add_argument("--shard-size", default="100MB")
-    parser.add_argument("--repeats", type=int, default=2, help="timed runs of each, alternating which goes first")
+    parser.add_argument("--repeats", type=int, default=3, help="timed runs of each task, rotating their order")
     parser.add_argument("--child-edit", nargs=2, type=Path, metavar=("SOURCE", "OUT"), help=argparse.SUPPRESS)
+    parser.add_argument("--unhashed", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--child-hash", type=Path, metavar="SOURCE", help=argparse.SUPPRESS)
     parser.add_argument("--child-reshard", nargs=3, metavar=("SOURCE", "OUT", "SIZE"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child_edit:
-        child_edit(*args.child_edit)
-        return
+        return child_edit(*args.child_edit, hashed=not args.unhashed)
+    if args.child_hash:
+        return child_hash(args.child_hash)
     if args.child_reshard:
-        child_reshard(Path(args.child_reshard[0]), Path(args.child_reshard[1]), args.child_reshard[2])
-        return
+        return child_reshard(Path(args.child_reshard[0]), Path(args.child_reshard[1]), args.child_reshard[2])
 
     source = args.source or packaged_model(DEFAULT_MODELS)
     sharded = reshard(source, args.work / "sharded", args.shard_size)
     files = checkpoint_files(sharded)
     shards = [path for path in files if path.suffix == ".safetensors"]
     total, largest = sum(path.stat().st_size for path in files), max(path.stat().st_size for path in shards)
-    print(f"checkpoint: {sharded} from {source}")
+    print(f"checkpoint: {sharded} (from {source})")
     print(f"  {len(shards)} shards, largest {largest / MIB:.0f} MiB, {total / MIB:.0f} MiB in {len(files)} files")
-    print(f"machine: {platform.processor() or platform.machine()}, python {platform.python_version()}")
+    print(f"machine: {os.cpu_count()} CPUs {platform.machine()}, load average {os.getloadavg()[0]:.1f}, "
+          f"python {platform.python_version()}")
 
     subprocess.run([sys.executable, "-c", "import torch, safetensors"], check=True)
     floor = children_peak_rss()
 
     warm_page_cache(files)
-    copies: list[float] = []
-    edits: list[dict] = []
+    runs: dict[str, list[dict]] = {task: [] for task in TASKS}
     for repeat in range(args.repeats):
-        for task in ("copy", "edit") if repeat % 2 == 0 else ("edit", "copy"):
+        for task in TASKS[repeat % len(TASKS) :] + TASKS[: repeat % len(TASKS)]:
             out_dir = args.work / f"out-{task}"
             shutil.rmtree(out_dir, ignore_errors=True)
             if task == "copy":
-                copies.append(copy_seconds(files, out_dir))
+                runs[task].append(timed_copy(files, out_dir))
             else:
-                edits.append(edit_in_child(sharded, out_dir))
+                flags = ["--unhashed"] if task == "edit-unhashed" else []
+                runs[task].append(run_child("--child-edit", str(sharded), str(out_dir), *flags))
             shutil.rmtree(out_dir)
-            print(f"  run {repeat}: {task} {copies[-1] if task == 'copy' else edits[-1]['seconds']:.2f}s")
-    peak = children_peak_rss()
+    copies, edits, unhashed = runs["copy"], runs["edit"], runs["edit-unhashed"]
+    peak = children_peak_rss()  # before the hash-only children, which map whole shards too
+    hashes = [run_child("--child-hash", str(sharded)) for _ in range(args.repeats)]
 
-    copy_median = statistics.median(copies)
-    edit_median = statistics.median(run["seconds"] for run in edits)
-    hash_median = statistics.median(run["hash_seconds"] for run in edits)
+    copy_s, edit_s = median(copies), median(edits)
     budget = 1.5 * largest + GIB
-    print(f"copy:   median {copy_median:.2f}s of {[round(s, 2) for s in copies]}")
-    print(f"ablate: median {edit_median:.2f}s of {[round(r['seconds'], 2) for r in edits]} "
-          f"({edits[0]['edited']} tensors edited); sha256 of the source took {hash_median:.2f}s of it, on its own thread")
-    print(f"peak RSS: ablate child {peak / MIB:.0f} MiB, bare `import torch, safetensors` child {floor / MIB:.0f} MiB; "
-          f"budget 1.5 x shard + 1 GiB = {budget / MIB:.0f} MiB ({'within' if peak <= budget else 'OVER'})")
-    print(f"ablate/copy={edit_median / copy_median:.2f} rss/shard={peak / largest:.2f}")
+    print(f"copy:        median {copy_s:.2f}s wall, {median(copies, 'cpu'):.2f}s CPU  (runs: {listed(copies)})")
+    print(f"ablate edit: median {edit_s:.2f}s wall, {median(edits, 'cpu'):.2f}s CPU  (runs: {listed(edits)}; "
+          f"{edits[0]['edited']} tensors edited)")
+    print(f"  of which sha256 of the source, on its own thread: median {median(edits, 'hash_seconds'):.2f}s wall")
+    print(f"ablate edit without the sha256: median {median(unhashed):.2f}s wall, {median(unhashed, 'cpu'):.2f}s CPU  "
+          f"(runs: {listed(unhashed)})")
+    print(f"sha256 alone: median {median(hashes):.2f}s wall, {median(hashes, 'cpu'):.2f}s CPU  (runs: {listed(hashes)})")
+    print(f"ratios to copy: ablate CPU {median(edits, 'cpu') / median(copies, 'cpu'):.2f}, "
+          f"ablate without sha256 wall {median(unhashed) / copy_s:.2f}, sha256 alone wall {median(hashes) / copy_s:.2f}")
+    print(f"peak RSS: edit children {peak / MIB:.0f} MiB, bare `import torch, safetensors` child {floor / MIB:.0f} MiB; "
+          f"budget 1.5 x largest shard + 1 GiB = {budget / MIB:.0f} MiB ({'within' if peak <= budget else 'OVER'})")
+    print(f"ablate/copy={edit_s / copy_s:.2f} rss/shard={peak / largest:.2f}")
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.errors import HydraException, MissingConfigException, OverrideParseException
 from hydra.types import RunMode
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from omegaconf.errors import OmegaConfBaseException
 
 from pipeline.artifacts import write_json
@@ -106,6 +106,9 @@ def cli() -> None:
     HYDRA_FULL_ERROR=1 makes Hydra raise its errors instead of printing a multi-line report; they are
     caught here. A user who sets HYDRA_FULL_ERROR=1 themselves gets Hydra's full traceback, as documented.
     """
+    if any(arg in ("--cfg", "-c") for arg in sys.argv) and "--resolve" not in sys.argv:
+        # Show effective values (model.kind, the mode thresholds for that kind), not interpolations.
+        sys.argv.append("--resolve")
     previous = os.environ.get("HYDRA_FULL_ERROR")
     wants_traceback = previous == "1"
     os.environ["HYDRA_FULL_ERROR"] = "1"

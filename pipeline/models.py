@@ -208,8 +208,10 @@ def _materialize(model_cfg: Mapping[str, Any], model_store: Path, progress: bool
         with FileLock(str(target) + ".lock"):
             if artifacts.verify(target)[0]:
                 return target
+            # We hold the lock, so temporaries of this model belong to killed runs.
+            for stale in model_store.glob(f".tmp-{target.name}-*"):
+                artifacts.remove_tree(stale)
             tmp = model_store / f".tmp-{target.name}-{os.getpid()}"
-            artifacts.remove_tree(tmp)
             tmp.mkdir()
             try:
                 if model_cfg["source"] == "tiny":

@@ -7,8 +7,10 @@ projections, by either edit method. `conf/optimize/default.yaml` documents the p
 
 Objectives, both minimized, exactly as the evaluate stage computes them: the refusal rate on the
 held-out harmful prompts and the KL divergence on the held-out harmless prompts against the
-`baseline` stage's cached log-probabilities (`pipeline.stages.baseline.score_model`,
-`pipeline.evaluation.kl_divergence`).
+`baseline` stage's cached log-probabilities (the functions `pipeline.stages.baseline.score_model`
+calls, from `pipeline.evaluation`, on `eval_prompts`' split). KL is computed first: a trial whose
+KL exceeds `optimize.prune_above_kl` is PRUNED without generating (generation is most of a trial's
+cost, and such a plan could never be exported while `max_kl` is below that bound).
 
 A trial is cheap: collect, measure and baseline come from the cache, the original model is loaded
 once, and each plan is applied in memory and undone (`apply_plan_in_memory`). Edited weights are
@@ -32,6 +34,8 @@ gentlest end), with a warning saying by how much the budget was missed. That pla
 `pipeline.plan.write_plan` and exported through the normal runner with `plan=` replay (select ->
 ablate -> evaluate), so the kept model and its metrics are ordinary cache artifacts, and
 `python -m pipeline plan=<ablation.yaml>` reproduces them.
+
+`optimize.trials` counts finished trials (complete or pruned); the front and the choice use complete ones.
 """
 
 from __future__ import annotations
@@ -44,9 +48,10 @@ import math
 import sys
 import time
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 import hydra
 import optuna
@@ -63,11 +68,11 @@ from safetensors.torch import load_file
 
 from pipeline import artifacts
 from pipeline.errors import PipelineError
-from pipeline.evaluation import kl_divergence
+from pipeline.evaluation import first_token_logprobs, greedy_completions, is_refusal, kl_divergence
 from pipeline.models import load_model, read_model_config
 from pipeline.paths import user_path
 from pipeline.plan import METHODS, plan_to_text, validate_plan, write_plan
-from pipeline.stages.baseline import eval_prompts, score_model
+from pipeline.stages.baseline import eval_prompts
 from pipeline.stages.measure import Measurements, read_measurements
 from pipeline.weight_edit import RestoreHandle, apply_plan_in_memory, directions_for_method
 
@@ -76,7 +81,7 @@ log = logging.getLogger("pipeline.optimize")
 STUDY_VERSION = "1"
 """Bump when trial scoring or the parameters -> plan mapping changes: old journals stop matching."""
 STUDY_NAME = "optimize"
-SEARCH_KEYS = ("space", "seeds", "startup_trials", "trial_max_new_tokens")
+SEARCH_KEYS = ("space", "seeds", "startup_trials", "trial_max_new_tokens", "prune_above_kl")
 """The optimize settings that shape the trials, hence the study key; `trials` and `max_kl` do not."""
 FLOAT_PARAMS = ("direction_depth", "band_centre", "band_width", "attn_scale", "mlp_scale")
 RESULT_FILES = ("pareto.csv", "pareto.png", "trials.csv", "ablation.yaml")
@@ -200,17 +205,6 @@ def trial_eval_config(eval_cfg: Mapping[str, Any], settings: Mapping[str, Any]) 
 # --- scoring -----------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class TrialScore:
-    refused: int
-    n: int
-    kl: float
-
-    @property
-    def rate(self) -> float:
-        return self.refused / max(1, self.n)
-
-
 class TrialScorer:
     """The original model, loaded once; each plan is applied in memory, scored as evaluate does, and undone."""
 
@@ -236,17 +230,30 @@ class TrialScorer:
         self.model, self.tokenizer, model_dir = load_model(model_cfg, model_store, progress=self.progress)
         self.storage_dtype = checkpoint_dtype(model_dir)
 
-    def __call__(self, plan: Mapping[str, Any]) -> TrialScore:
+    @contextmanager
+    def applied(self, plan: Mapping[str, Any]) -> Iterator[None]:
+        """The model with `plan` applied (as the ablate stage would write it) inside the block, original after."""
         directions = directions_for_method(self.measurements.tensors, plan["method"])
         handle = apply_plan_in_memory(self.model, plan, directions)
         try:
             round_to_storage(self.model, handle, self.storage_dtype)
-            _, flags, logprobs = score_model(
-                self.model, self.tokenizer, self.harmful, self.harmless, self.eval_cfg, self.progress
-            )
+            yield
         finally:
             handle.restore()
-        return TrialScore(refused=sum(flags), n=len(flags), kl=kl_divergence(self.reference, logprobs))
+
+    def kl(self) -> float:
+        """KL(original || current model) on the harmless eval prompts, as evaluate computes it."""
+        batch_size = int(self.eval_cfg["batch_size"])
+        logprobs = first_token_logprobs(self.model, self.tokenizer, self.harmless, batch_size, self.progress)
+        return kl_divergence(self.reference, logprobs)
+
+    def refusals(self) -> list[bool]:
+        """One refusal flag per harmful eval prompt, from greedy completions, as evaluate computes them."""
+        completions = greedy_completions(
+            self.model, self.tokenizer, self.harmful, int(self.eval_cfg["max_new_tokens"]),
+            int(self.eval_cfg["batch_size"]), self.progress,
+        )
+        return [is_refusal(text, self.eval_cfg["refusal_markers"]) for text in completions]
 
 
 def checkpoint_dtype(model_dir: Path) -> torch.dtype | None:
@@ -321,21 +328,30 @@ def completed(study: optuna.Study) -> list[FrozenTrial]:
     return study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
 
 
-def make_objective(scorer: TrialScorer, space: SearchSpace, source_measurement: str):
+def finished(study: optuna.Study) -> list[FrozenTrial]:
+    """The trials `optimize.trials` counts: complete or pruned (never failed or interrupted ones)."""
+    return study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED))
+
+
+def make_objective(scorer: TrialScorer, space: SearchSpace, source_measurement: str, prune_above_kl: float | None):
     def objective(trial: optuna.Trial) -> tuple[float, float]:
         started = time.perf_counter()
         plan = plan_from_params(suggest(trial, space), scorer.measurements, source_measurement)
-        score = scorer(plan)
+        described = "({method}, direction {direction_from:.2f}, layers {first_layer}-{last_layer}, attn {attn_scale:.2f}, " \
+                    "mlp {mlp_scale:.2f})".format(**plan_summary(plan))
+        with scorer.applied(plan):
+            kl = scorer.kl()
+            trial.set_user_attr("kl", kl)
+            if prune_above_kl is not None and kl > prune_above_kl:
+                trial.set_user_attr("seconds", round(time.perf_counter() - started, 1))
+                log.info("trial %d: KL %.4f > optimize.prune_above_kl, pruned  %s", trial.number, kl, described)
+                raise optuna.TrialPruned(f"KL {kl:.4f} > optimize.prune_above_kl={prune_above_kl:g}")
+            flags = scorer.refusals()
         seconds = time.perf_counter() - started
-        for key, value in {"refused": score.refused, "n": score.n, "kl": score.kl, "seconds": round(seconds, 1)}.items():
+        for key, value in {"refused": sum(flags), "n": len(flags), "seconds": round(seconds, 1)}.items():
             trial.set_user_attr(key, value)
-        summary = plan_summary(plan)
-        log.info(
-            "trial %d: refused %d/%d, KL %.4f  (%s, direction %.2f, layers %d-%d, attn %.2f, mlp %.2f) %.0f s",
-            trial.number, score.refused, score.n, score.kl, summary["method"], summary["direction_from"],
-            summary["first_layer"], summary["last_layer"], summary["attn_scale"], summary["mlp_scale"], seconds,
-        )
-        return score.rate, score.kl
+        log.info("trial %d: refused %d/%d, KL %.4f  %s %.0f s", trial.number, sum(flags), len(flags), kl, described, seconds)
+        return sum(flags) / len(flags), kl
 
     return objective
 
@@ -343,7 +359,9 @@ def make_objective(scorer: TrialScorer, space: SearchSpace, source_measurement: 
 def choose(trials: Sequence[FrozenTrial], max_kl: float) -> FrozenTrial:
     """Fewest refusals with KL <= max_kl (ties: lower KL, then earlier trial); else the lowest-KL trial."""
     if not trials:
-        raise PipelineError("the study has no completed trial to choose from; run it with optimize.trials >= 1")
+        raise PipelineError(
+            "the study has no completed trial to choose from (all pruned?); raise optimize.trials or optimize.prune_above_kl"
+        )
     within = [trial for trial in trials if trial.values[1] <= max_kl]
     if within:
         return min(within, key=lambda trial: (trial.user_attrs["refused"], trial.values[1], trial.number))
@@ -444,9 +462,14 @@ def run_optimize(cfg: DictConfig, output_dir: Path | None = None) -> dict[str, A
 
     settings = OmegaConf.to_container(cfg.optimize, resolve=True)
     space = search_space(settings)
-    wanted, max_kl = int(settings["trials"]), float(settings["max_kl"])
+    wanted, max_kl, prune_above_kl = int(settings["trials"]), float(settings["max_kl"]), settings["prune_above_kl"]
     if wanted < 1 or not (math.isfinite(max_kl) and max_kl >= 0):
         raise PipelineError(f"optimize.trials must be >= 1 and optimize.max_kl >= 0, got {wanted} and {max_kl}")
+    if prune_above_kl is not None and not float(prune_above_kl) >= max_kl:
+        raise PipelineError(
+            f"optimize.prune_above_kl={prune_above_kl} is below optimize.max_kl={max_kl:g}: trials that could be "
+            "exported would never be generated for; raise it or set it to null"
+        )
     torch.manual_seed(int(cfg.run.seed))
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     cache_dir, model_store = user_path(cfg.cache.dir), user_path(cfg.cache.models)
@@ -463,28 +486,30 @@ def run_optimize(cfg: DictConfig, output_dir: Path | None = None) -> dict[str, A
         raise PipelineError(f"another optimize run holds {study_dir}; wait for it or stop it") from None
     try:
         study = open_study(study_dir, space, int(cfg.run.seed), int(settings["startup_trials"]))
-        remaining = wanted - len(completed(study))
+        remaining = wanted - len(finished(study))
         log.info("study %s: %d trials done, %d to run", study_dir, wanted - max(remaining, 0), max(remaining, 0))
         if remaining > 0:
             eval_cfg = trial_eval_config(OmegaConf.to_container(cfg.eval, resolve=True), settings)
             scorer = TrialScorer(cfg, measurements, baseline.dir, model_store, eval_cfg)
-            study.optimize(make_objective(scorer, space, measure.key), n_trials=remaining, catch=())
+            objective = make_objective(scorer, space, measure.key, prune_above_kl)
+            study.optimize(objective, n_trials=remaining, catch=())
             del scorer  # free the model before ablate/evaluate load their own copies
             gc.collect()
         summary = summarize(study, measurements, measure.key, max_kl, study_dir)
     finally:
         lock.release()
-    summary["export"] = export_plan(cfg, study_dir / "ablation.yaml")
-    final = summary["export"]["metrics"]
-    summary["final"] = {
-        "refused": final["refusal_after"]["refused"], "n": final["refusal_after"]["n"],
-        "refusal_rate": final["refusal_after"]["rate"], "kl": final["kl_divergence"],
-    }
-    log.info(
-        "exported trial %d: evaluate says refused %d/%d, KL %.4f (baseline refused %d/%d)",
-        summary["chosen"]["trial"], summary["final"]["refused"], summary["final"]["n"], summary["final"]["kl"],
-        final["refusal_before"]["refused"], final["refusal_before"]["n"],
-    )
+    if settings["export"]:
+        summary["export"] = export_plan(cfg, study_dir / "ablation.yaml")
+        final = summary["export"]["metrics"]
+        summary["final"] = {
+            "refused": final["refusal_after"]["refused"], "n": final["refusal_after"]["n"],
+            "refusal_rate": final["refusal_after"]["rate"], "kl": final["kl_divergence"],
+        }
+        log.info(
+            "exported trial %d: evaluate says refused %d/%d, KL %.4f (baseline refused %d/%d)",
+            summary["chosen"]["trial"], summary["final"]["refused"], summary["final"]["n"], summary["final"]["kl"],
+            final["refusal_before"]["refused"], final["refusal_before"]["n"],
+        )
     artifacts.write_json(study_dir / "optimize.json", summary)
     if output_dir is not None:
         Path(output_dir).mkdir(parents=True, exist_ok=True)
@@ -517,8 +542,9 @@ def summarize(
     return {
         "study_dir": str(study_dir),
         "trials": len(trials),
+        "pruned": len(study.get_trials(deepcopy=False, states=(TrialState.PRUNED,))),
         "failed_or_retried": len(study.get_trials(deepcopy=False, states=(TrialState.FAIL,))),
-        "trial_seconds": round(sum(trial.user_attrs["seconds"] for trial in trials), 1),
+        "trial_seconds": round(sum(trial.user_attrs["seconds"] for trial in finished(study)), 1),
         "max_kl": max_kl,
         "chosen": {
             "trial": chosen.number,

@@ -22,7 +22,6 @@ import re
 import resource
 import signal
 import subprocess
-import tempfile
 import sys
 import tempfile
 import time
@@ -154,6 +153,8 @@ class Runner:
         if unknown:
             raise PipelineError(f"unknown stage {unknown[0]!r} in run.force; choose from {', '.join(self.registry)}")
         order = execution_order(self.registry, requested)
+        if distributed.world_size() > 1:
+            return self._run_launched(order, force)
         ensure_writable(self.cache_dir, "cache.dir")
         keys = self.plan(order)
         for name in order:
@@ -166,10 +167,14 @@ class Runner:
         Computing every key first reads every external input (prompt files, model directories) before any
         stage runs, so a mistake in them costs no work and writes nothing.
         """
+        slices = {name: config_slice(self.cfg, self.registry[name].config_keys) for name in order}
+        for name in order:
+            if self.registry[name].validate:
+                self.registry[name].validate(slices[name])
         keys: dict[str, tuple[str, dict[str, Any], dict[str, str]]] = {}
         for name in order:
             stage = self.registry[name]
-            values = config_slice(self.cfg, stage.config_keys)
+            values = slices[name]
             digests = dict(stage.input_digest(values, self.model_store)) if stage.input_digest else {}
             upstream = {need: keys[need][0] for need in stage.needs}
             keys[name] = (cache_key(stage, values, upstream, digests), values, digests)
@@ -197,6 +202,66 @@ class Runner:
             return self._compute(stage, key, values, digests, final)
         finally:
             lock.release()
+
+    def _run_launched(self, order: Sequence[str], force: Sequence[str]) -> dict[str, StageResult]:
+        """Under `accelerate launch`/`torchrun`: the main process alone writes the cache and model store.
+
+        All processes go through the stages up to the last data-parallel one together (`_ensure_together`);
+        then the helper processes are done and the main process runs the rest alone. Helpers compute their
+        keys only after the main process has planned, so every model is already materialized for them.
+        """
+        shared = [index for index, name in enumerate(order) if self.registry[name].data_parallel]
+        joint = list(order[: shared[-1] + 1]) if shared else []
+        main = distributed.is_main_process()
+        if main:
+            ensure_writable(self.cache_dir, "cache.dir")
+            keys = self.plan(order)
+        distributed.barrier()
+        if not main:
+            keys = self.plan(joint)
+        for name in order if main else joint:
+            together = name in joint
+            ensure = self._ensure_together if together else self._ensure
+            self.results[name] = ensure(self.registry[name], *keys[name], force=name in force)
+        return self.results
+
+    def _ensure_together(self, stage: Stage, key: str, values: dict, digests: dict, force: bool) -> StageResult:
+        """One stage in a launch: the main process decides skip-or-run under the key's lock and broadcasts
+        "<key> <decision>"; helpers run a data-parallel stage into a scratch directory outside the cache
+        (the stage itself writes only on the main process) and wait at a barrier until the rename is done."""
+        final = self.cache_dir / stage.name / key
+        if distributed.is_main_process():
+            final.parent.mkdir(parents=True, exist_ok=True)
+            with FileLock(str(lock_path(final))):
+                cached = not force and final.exists() and artifacts.verify(final)[0]
+                distributed.broadcast_text(f"{key} {'cached' if cached else 'run'}")
+                if cached:
+                    result = StageResult(key, final, True, 0.0)
+                else:
+                    self._remove_stale_temporaries(final)
+                    result = self._compute(stage, key, values, digests, final)
+            distributed.barrier()
+            return result
+        main_key, decision = distributed.broadcast_text(None).split()
+        if main_key != key:
+            raise PipelineError(
+                f"{stage.name}: this process computed cache key {key}, the main process {main_key}; "
+                "every process of a launch must see the same config and inputs"
+            )
+        started = time.perf_counter()
+        if decision == "run" and stage.data_parallel:
+            with tempfile.TemporaryDirectory(prefix=f"pipeline-{stage.name}-rank{distributed.process_index()}-") as scratch:
+                context = StageContext(
+                    config=values,
+                    out_dir=Path(scratch),
+                    inputs={name: self.results[name].dir for name in stage.needs},
+                    model_store=self.model_store,
+                    seed=int(self.cfg.run.seed),
+                    progress=False,
+                )
+                stage.run(context)
+        distributed.barrier()
+        return StageResult(key, final, decision == "cached", time.perf_counter() - started)
 
     def _usable(self, directory: Path, name: str) -> bool:
         if not directory.exists():

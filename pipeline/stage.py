@@ -40,6 +40,9 @@ class Stage:
     config_keys: tuple[str, ...]
     """Dotted config keys whose values affect the output (e.g. "model", "collect", "mode.top_n")."""
     run: Callable[[StageContext], None]
+    validate: Callable[[Mapping[str, Any]], None] | None = None
+    """Optional: raise PipelineError for a bad config slice. The runner calls it for every stage before
+    any stage runs, so `mode.top_n=0` fails in a second instead of after a long collect."""
     input_digest: Callable[[Mapping[str, Any], Path], Mapping[str, str]] | None = None
     """Optional: (config slice, model_store) -> {name: sha256} of external input *contents* (prompt files,
     model fingerprint). Hashed into the cache key so an edited prompt file invalidates `collect`."""

@@ -315,3 +315,19 @@ def test_the_command_line_prints_one_line_and_exits_2(args, says, tmp_path):
     assert result.returncode == 2
     assert result.stderr.startswith(says) and result.stderr.count("\n") == 1, result.stderr
     assert not (tmp_path / "cache").exists()
+
+
+def test_ctrl_c_inside_a_stage_is_one_line_status_130_and_leaves_no_temporary(scene, capsys, monkeypatch):
+    def interrupted(*_args, **_kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("pipeline.stages.collect.load_model", interrupted)
+    before = snapshot(scene.cache, scene.store)
+    args = args_with(SMALL, ["prompts.n_train=17", f"cache.dir={scene.cache}", f"cache.models={scene.store}",
+                             f"hydra.run.dir={scene.tmp / 'run'}"])  # a new collect key: collect must start
+
+    status, err = run_cli(args, capsys, monkeypatch)
+
+    assert status == 130 and "Traceback" not in err
+    assert err.splitlines()[-1] == "error: interrupted; finished stages are cached, rerun the same command to resume"
+    assert snapshot(scene.cache, scene.store) == before, "the interrupted collect left something behind"

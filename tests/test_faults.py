@@ -4,7 +4,9 @@ a damaged artifact is recomputed, never consumed; the source model is never writ
 
 The kill inside a stage uses the runner's one test hook, PIPELINE_FAULT=<stage>: the process SIGKILLs
 itself right after the stage's `run` returns and before its manifest and rename, the worst moment
-(every output file is written, none is committed). See docs/troubleshooting.md.
+(every output file is written, none is committed). See docs/troubleshooting.md. Those runs are
+separate processes forked from a preloaded server (`tiny_pipeline.run_killed_at`); the kill from
+outside uses the real `python -m pipeline`.
 """
 
 from __future__ import annotations
@@ -28,8 +30,8 @@ from tiny_pipeline import (  # noqa: F401
     model_store,
     pipeline_command,
     reference,
-    run_command,
     run_in_process,
+    run_killed_at,
     snapshot,
     subprocess_env,
     temporaries,
@@ -80,12 +82,7 @@ def test_sigkill_inside_a_stage_leaves_only_a_temporary_and_the_rerun_resumes(st
     copy_stages(reference_cache, cache, unaffected)
     key = reference_summary["stages"][stage]["key"]
 
-    killed = run_command(
-        pipeline_command(f"cache.dir={cache}", f"cache.models={model_store}", f"hydra.run.dir={tmp_path / 'killed'}"),
-        PIPELINE_FAULT=stage,
-    )
-
-    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    assert run_killed_at(stage, [f"cache.dir={cache}", f"cache.models={model_store}"]) == -signal.SIGKILL
     assert committed(cache, stage) == [], "the killed stage must not look finished"
     leftovers = [p for p in (cache / stage).iterdir() if p.name.startswith(".tmp-")]
     assert [p.name.startswith(f".tmp-{key}-") for p in leftovers] == [True]

@@ -34,6 +34,7 @@ SMALL = [
     "run.progress=false",
     "optimize.startup_trials=2",
     "optimize.max_kl=10",
+    "optimize.prune_above_kl=null",
     "optimize.seeds=[{direction_depth: 0.5, band_centre: 0.5, band_width: 1.0, attn_scale: 1.5, mlp_scale: 1.5, "
     "method: orthogonal}, {direction_depth: 0.3, band_centre: 0.4, band_width: 0.5, attn_scale: 1.0, "
     "mlp_scale: 0.5, method: norm_preserving}]",
@@ -141,14 +142,14 @@ def study(tmp_path_factory):
     """3 trials, then a killed 4th (left RUNNING), then a rerun asking for 5: scoring calls per run counted."""
     root = tmp_path_factory.mktemp("optimize")
     calls: list[int] = []
-    original = optimize.score_model
+    original = optimize.first_token_logprobs
 
     def counting(*args, **kwargs):
         calls.append(1)
         return original(*args, **kwargs)
 
     patch = pytest.MonkeyPatch()
-    patch.setattr(optimize, "score_model", counting)
+    patch.setattr(optimize, "first_token_logprobs", counting)
     try:
         first = optimize.run_optimize(config(root / "cache", "optimize.trials=3"), root / "run1")
         first_calls = len(calls)
@@ -254,3 +255,24 @@ def test_a_second_study_on_the_same_dir_is_refused_while_one_runs(study):
     lock = FileLock(str(Path(study["second"]["study_dir"]) / ".study.lock"))
     with lock, pytest.raises(PipelineError, match="another optimize run holds"):
         optimize.run_optimize(config(study["root"] / "cache", "optimize.trials=5"))
+
+
+def test_a_trial_above_prune_above_kl_is_pruned_without_generating(study, monkeypatch):
+    generated: list[int] = []
+    original = optimize.greedy_completions
+    monkeypatch.setattr(optimize, "greedy_completions", lambda *a, **k: generated.append(1) or original(*a, **k))
+    gentle = "{direction_depth: 0.5, band_centre: 0.5, band_width: 0.05, attn_scale: 0.0, mlp_scale: 0.05, method: orthogonal}"
+    strong = "{direction_depth: 0.5, band_centre: 0.5, band_width: 1.0, attn_scale: 1.5, mlp_scale: 1.5, method: orthogonal}"
+    summary = optimize.run_optimize(config(
+        study["root"] / "cache", "optimize.trials=2", "optimize.max_kl=0.001", "optimize.prune_above_kl=0.001",
+        f"optimize.seeds=[{strong}, {gentle}]"))
+    storage = JournalStorage(JournalFileBackend(str(Path(summary["study_dir"]) / "journal.log")))
+    trials = optuna.load_study(study_name=optimize.STUDY_NAME, storage=storage).get_trials()
+    assert [trial.state for trial in trials] == [TrialState.PRUNED, TrialState.COMPLETE]
+    assert trials[0].user_attrs["kl"] > 0.001 >= trials[1].values[1]
+    assert len(generated) == 1 and summary["pruned"] == 1 and summary["chosen"]["trial"] == 1
+
+
+def test_prune_above_kl_below_max_kl_is_refused(tmp_path):
+    with pytest.raises(PipelineError, match="optimize.prune_above_kl=0.05 is below optimize.max_kl=0.1"):
+        optimize.run_optimize(config(tmp_path, "optimize.max_kl=0.1", "optimize.prune_above_kl=0.05"))

@@ -118,17 +118,14 @@ def test_rerunning_the_sweep_serves_every_stage_of_every_job_from_the_cache(swee
 def test_a_failing_job_is_recorded_and_the_sweep_goes_on(sweep):
     root, cache, _ = sweep
     sweep_dir = root / "failing"
-    _multirun(root, sweep_dir, cache, "mode.top_n=1", "select.scale=0.5,1.0", "mode.min_quality=0,1000")
+    # Job 0 selects nothing (PipelineError in select); job 1 is a point of the first sweep, all cached.
+    _multirun(root, sweep_dir, cache, "mode.top_n=1", "select.scale=0.5", "mode.min_quality=1000,0")
 
-    rows = _rows(sweep_dir)
-    assert len(rows) == 4
-    failed = [row for row in rows if "mode.min_quality=1000" in row["overrides"]]
-    worked = [row for row in rows if "mode.min_quality=0" in row["overrides"].split()]
-    assert len(failed) == 2 and len(worked) == 2
-    for row in failed:
-        assert row["error"].startswith("no layer has quality >= 1000")
-        assert (row["stages"], row["layers"], row["refusal_after"], row["kl_divergence"]) == ("3", "", "", "")
-        run = json.loads((sweep_dir / row["job"] / "run.json").read_text())
-        assert run["error"] == row["error"] and set(run["stages"]) == set(SHARED)
-    assert all(row["error"] == "" and row["layers"] != "" for row in worked)
+    failed, worked = _rows(sweep_dir)
+    assert failed["error"].startswith("no layer has quality >= 1000")
+    assert (failed["stages"], failed["layers"], failed["refusal_after"], failed["kl_divergence"]) == ("3", "", "", "")
+    run = json.loads((sweep_dir / "0" / "run.json").read_text())
+    assert run["error"] == failed["error"] and set(run["stages"]) == set(SHARED)
+    assert (worked["job"], worked["error"], worked["stages"], worked["cached_stages"]) == ("1", "", "6", "6")
+    assert worked["layers"] != "" and worked["kl_divergence"] != ""
     assert (sweep_dir / "pareto.png").is_file()

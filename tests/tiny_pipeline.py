@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import multiprocessing
 import os
 import subprocess
 import sys
@@ -21,6 +22,7 @@ from omegaconf import DictConfig
 
 import pipeline
 from pipeline.__main__ import cli, run_pipeline
+from pipeline.runner import FAULT_ENV
 
 ROOT = Path(pipeline.__file__).resolve().parents[1]
 CONF = ROOT / "pipeline" / "conf"
@@ -73,6 +75,33 @@ def run_cli(args: Sequence[str], capsys: pytest.CaptureFixture, monkeypatch: pyt
                 handler.close()
         root.handlers[:], root.level = handlers, level
     return status, capsys.readouterr().err
+
+
+FORKSERVER = multiprocessing.get_context("forkserver")
+FORKSERVER.set_forkserver_preload(
+    ["torch", "transformers.models.qwen2.modeling_qwen2", "pipeline.stages.collect", "pipeline.stages.baseline",
+     "pipeline.stages.measure", "pipeline.stages.select", "pipeline.stages.ablate", "pipeline.stages.evaluate",
+     "tiny_pipeline"]
+)
+"""Runs that are killed start as forks of one server that has imported torch and every stage once,
+so each kill costs a fork instead of a 4-second Python start. The server never computes, so no
+thread pool exists when it forks."""
+
+
+def _run_with_fault(overrides: list[str], stage: str) -> None:
+    os.environ[FAULT_ENV] = stage
+    run_in_process(overrides)
+
+
+def run_killed_at(stage: str, overrides: Sequence[str], timeout: float = 300) -> int | None:
+    """Exit code of SMALL + overrides run in a fresh process with PIPELINE_FAULT=<stage> (-SIGKILL if it fired)."""
+    process = FORKSERVER.Process(target=_run_with_fault, args=(list(overrides), stage))
+    process.start()
+    process.join(timeout)
+    if process.exitcode is None:
+        process.kill()
+        process.join()
+    return process.exitcode
 
 
 def pipeline_command(*overrides: str) -> list[str]:

@@ -265,5 +265,6 @@ STAGE = Stage(
     needs=("measure",),
     config_keys=("mode", "select", "plan"),
     run=run,
+    validate=settings_from_config,
     input_digest=input_digest,
 )

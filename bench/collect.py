@@ -1,0 +1,103 @@
+"""Collect-stage throughput against a bare base-model forward and against the naive hidden-states loop.
+
+    python bench/collect.py --cache-models /work/main/outputs/cache/models --prompts 32 --repeats 3
+
+All three read the same prompts of the shipped training split (half harmful, half harmless) with the
+packaged model (`model=qwen25_coder_05b`) in the compute dtype collect uses:
+
+- collect: `pipeline.stages.collect.collect_class`, what the stage runs per class (templating,
+  tokenization, length-sorted left-padded batches, hooks on every decoder layer, CPU copies, prompt order);
+- bare: the base model's forward alone on the same batches, pre-tokenized: the floor collect can reach;
+- naive: what peers write: the full model (lm_head and logits over every position, default KV cache)
+  with `output_hidden_states=True`, stacking each layer's last-token state, on the same batches.
+
+The machine is shared, so the three are interleaved batch by batch (the order rotating), each batch's
+time is the median of its repeats, and a method's time is the sum over batches. The last line is
+`collect/bare=<ratio> collect/naive=<ratio>`, ratios of throughput (>1 means collect is faster).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+from hydra import compose, initialize_config_dir
+
+import pipeline
+from pipeline.activations import left_padded_batch, length_sorted_batches, prompt_tokens
+from pipeline.models import load_model
+from pipeline.prompt_sets import prompt_splits
+from pipeline.stages.collect import collect_class
+
+CONF = Path(pipeline.__file__).resolve().parent / "conf"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--cache-models", required=True, help="a model store holding the materialized packaged model")
+    parser.add_argument("--model", default="qwen25_coder_05b")
+    parser.add_argument("--prompts", type=int, default=32, help="prompts in all, half from each class")
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    args = parser.parse_args()
+
+    with initialize_config_dir(config_dir=str(CONF), version_base=None):
+        cfg = compose(config_name="config", overrides=[f"model={args.model}", f"cache.models={args.cache_models}"])
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    dtype = str(cfg.collect.dtype)
+    model, tokenizer, _ = load_model(dict(cfg.model), Path(args.cache_models), dtype, progress=False)
+    device = model.get_input_embeddings().weight.device
+    splits = prompt_splits(cfg.prompts)
+    half = args.prompts // 2
+    work = []  # (prompts of one batch, its model inputs): the unit every method is timed on
+    for prompts in (splits.harmful_train[:half], splits.harmless_train[:half]):
+        tokens = prompt_tokens(tokenizer, prompts)
+        for batch in length_sorted_batches([len(t) for t in tokens], args.batch_size):
+            inputs = left_padded_batch([tokens[i] for i in batch], tokenizer.pad_token_id)
+            work.append(([prompts[i] for i in batch], {name: value.to(device) for name, value in inputs.items()}))
+    n_tokens = sum(int(inputs["attention_mask"].sum()) for _, inputs in work)
+
+    def collect(prompts: list[str], _inputs: dict) -> None:
+        collect_class(model, tokenizer, prompts, "harmful", "last", True, args.batch_size, progress=False)
+
+    @torch.inference_mode()
+    def bare(_prompts: list[str], inputs: dict) -> None:
+        model.base_model(**inputs, use_cache=False)
+
+    @torch.no_grad()
+    def naive(_prompts: list[str], inputs: dict) -> None:
+        output = model(**inputs, output_hidden_states=True)
+        torch.stack([hidden[:, -1, :] for hidden in output.hidden_states[1:]], dim=1).float().cpu()
+
+    methods: dict[str, Callable[[list[str], dict], None]] = {"collect": collect, "bare": bare, "naive": naive}
+    print(
+        f"{args.model} {dtype}, {args.prompts} prompts ({n_tokens} tokens) in {len(work)} batches of <= "
+        f"{args.batch_size}, {torch.get_num_threads()} threads, {args.repeats} repeats"
+    )
+    bare(*work[0])  # warm-up: first-call allocations and kernel selection, shared by all three
+    # seconds[method][batch] lists one time per repeat. Methods alternate batch by batch (order rotating),
+    # so a change in the machine's load hits all three alike instead of one whole pass.
+    seconds = {name: [[] for _ in work] for name in methods}
+    names = list(methods)
+    for repeat in range(args.repeats):
+        for index, unit in enumerate(work):
+            shift = (repeat + index) % len(names)
+            for name in names[shift:] + names[:shift]:
+                started = time.perf_counter()
+                methods[name](*unit)
+                seconds[name][index].append(time.perf_counter() - started)
+        print(f"  repeat {repeat + 1}: " + "  ".join(f"{n} {sum(t[-1] for t in seconds[n]):.1f} s" for n in names))
+    total = {name: sum(statistics.median(times) for times in per_batch) for name, per_batch in seconds.items()}
+    for name, value in total.items():
+        print(f"{name:8s} {value:7.2f} s (sum of per-batch medians)  {args.prompts / value:6.2f} prompts/s  {n_tokens / value:7.1f} tokens/s")
+    print(f"collect/bare={total['bare'] / total['collect']:.3f} collect/naive={total['naive'] / total['collect']:.3f}")
+
+
+if __name__ == "__main__":
+    main()
