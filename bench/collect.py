@@ -9,7 +9,8 @@ packaged model (`model=qwen25_coder_05b`) in the compute dtype collect uses:
   tokenization, length-sorted left-padded batches, hooks on every decoder layer, CPU copies, prompt order);
 - bare: the base model's forward alone on the same batches, pre-tokenized: the floor collect can reach;
 - naive: what peers write: the full model (lm_head and logits over every position, default KV cache)
-  with `output_hidden_states=True`, stacking each layer's last-token state, on the same batches.
+  with `output_hidden_states=True`, stacking each layer's last-token state, on the same batches;
+- lm_head: the output projection alone on the same batches' final states, to explain naive/bare.
 
 The machine is shared, so the three are interleaved batch by batch (the order rotating), each batch's
 time is the median of its repeats, and a method's time is the sum over batches. The last line is
@@ -62,40 +63,48 @@ def main() -> None:
             inputs = left_padded_batch([tokens[i] for i in batch], tokenizer.pad_token_id)
             work.append(([prompts[i] for i in batch], {name: value.to(device) for name, value in inputs.items()}))
     n_tokens = sum(int(inputs["attention_mask"].sum()) for _, inputs in work)
+    with torch.inference_mode():
+        final_states = [model.base_model(**inputs, use_cache=False).last_hidden_state for _, inputs in work]
 
-    def collect(prompts: list[str], _inputs: dict) -> None:
-        collect_class(model, tokenizer, prompts, "harmful", "last", True, args.batch_size, progress=False)
+    # Each method reads batch `index` of `work`.
+    def collect(index: int) -> None:
+        collect_class(model, tokenizer, work[index][0], "harmful", "last", True, args.batch_size, progress=False)
 
     @torch.inference_mode()
-    def bare(_prompts: list[str], inputs: dict) -> None:
-        model.base_model(**inputs, use_cache=False)
+    def bare(index: int) -> None:
+        model.base_model(**work[index][1], use_cache=False)
 
     @torch.no_grad()
-    def naive(_prompts: list[str], inputs: dict) -> None:
-        output = model(**inputs, output_hidden_states=True)
+    def naive(index: int) -> None:
+        output = model(**work[index][1], output_hidden_states=True)
         torch.stack([hidden[:, -1, :] for hidden in output.hidden_states[1:]], dim=1).float().cpu()
 
-    methods: dict[str, Callable[[list[str], dict], None]] = {"collect": collect, "bare": bare, "naive": naive}
+    @torch.inference_mode()
+    def lm_head(index: int) -> None:
+        model.get_output_embeddings()(final_states[index])
+
+    methods: dict[str, Callable[[int], None]] = {"collect": collect, "bare": bare, "naive": naive, "lm_head": lm_head}
     print(
         f"{args.model} {dtype}, {args.prompts} prompts ({n_tokens} tokens) in {len(work)} batches of <= "
         f"{args.batch_size}, {torch.get_num_threads()} threads, {args.repeats} repeats"
     )
-    bare(*work[0])  # warm-up: first-call allocations and kernel selection, shared by all three
+    bare(0)  # warm-up: first-call allocations and kernel selection, shared by all three
     # seconds[method][batch] lists one time per repeat. Methods alternate batch by batch (order rotating),
     # so a change in the machine's load hits all three alike instead of one whole pass.
     seconds = {name: [[] for _ in work] for name in methods}
     names = list(methods)
     for repeat in range(args.repeats):
-        for index, unit in enumerate(work):
+        for index in range(len(work)):
             shift = (repeat + index) % len(names)
             for name in names[shift:] + names[:shift]:
                 started = time.perf_counter()
-                methods[name](*unit)
+                methods[name](index)
                 seconds[name][index].append(time.perf_counter() - started)
         print(f"  repeat {repeat + 1}: " + "  ".join(f"{n} {sum(t[-1] for t in seconds[n]):.1f} s" for n in names))
     total = {name: sum(statistics.median(times) for times in per_batch) for name, per_batch in seconds.items()}
     for name, value in total.items():
         print(f"{name:8s} {value:7.2f} s (sum of per-batch medians)  {args.prompts / value:6.2f} prompts/s  {n_tokens / value:7.1f} tokens/s")
+    print(f"the lm_head alone (logits of every position) costs {total['lm_head'] / total['bare']:.2f}x a bare forward")
     print(f"collect/bare={total['bare'] / total['collect']:.3f} collect/naive={total['naive'] / total['collect']:.3f}")
 
 

@@ -483,9 +483,10 @@ def edit_checkpoint(
 ) -> dict[str, Any]:
     """Write an edited copy of the safetensors checkpoint in `source_dir` to `out_dir`, shard by shard.
 
-    Peak memory is about one shard. Unedited tensors are copied bit for bit; shard metadata, the
-    index and every non-weight file (config, tokenizer, chat template) are carried over, and a
-    README.md model card records the plan. `source_dir` is only ever read.
+    Peak memory is about one shard. Unedited tensors are copied bit for bit (a shard with nothing to
+    edit is copied as a file); shard metadata, the index and every non-weight file (config, tokenizer,
+    chat template) are carried over, and a README.md model card records the plan. `source_dir` is only
+    ever read; its sha256 sums are computed beside the edit, on a second thread.
     Returns {"source", "source_files": {relative name: sha256}, "edited_tensors": [names]}.
     """
     source_dir, out_dir = Path(source_dir).resolve(), Path(out_dir).resolve()

@@ -205,11 +205,11 @@ def test_the_export_is_the_chosen_trial_scored_by_the_evaluate_stage(study):
     assert (select_dir / "ablation.yaml").read_bytes() == (Path(summary["study_dir"]) / "ablation.yaml").read_bytes()
 
 
-def test_python_m_pipeline_with_plan_reproduces_the_trial_in_a_fresh_cache(study):
+def test_python_m_pipeline_with_plan_reproduces_the_trial(study):
     root, summary = study["root"], study["second"]
     plan_path = study["root"] / "run2" / "ablation.yaml"
-    cfg = config(root / "fresh-cache", f"plan={plan_path}")
-    result = run_pipeline(cfg)
+    result = run_pipeline(config(root / "cache", f"plan={plan_path}", "run.force=[select,ablate,evaluate]"))
+    assert not any(result["stages"][name]["cached"] for name in ("select", "ablate", "evaluate"))
     evaluate_dir = Path(result["stages"]["evaluate"]["dir"])
     metrics = json.loads((evaluate_dir / "metrics.json").read_text())
     assert metrics["refusal_after"]["refused"] == summary["chosen"]["refused"]
@@ -265,12 +265,14 @@ def test_a_trial_above_prune_above_kl_is_pruned_without_generating(study, monkey
     strong = "{direction_depth: 0.5, band_centre: 0.5, band_width: 1.0, attn_scale: 1.5, mlp_scale: 1.5, method: orthogonal}"
     summary = optimize.run_optimize(config(
         study["root"] / "cache", "optimize.trials=2", "optimize.max_kl=0.001", "optimize.prune_above_kl=0.001",
+        "optimize.export=false",
         f"optimize.seeds=[{strong}, {gentle}]"))
     storage = JournalStorage(JournalFileBackend(str(Path(summary["study_dir"]) / "journal.log")))
     trials = optuna.load_study(study_name=optimize.STUDY_NAME, storage=storage).get_trials()
     assert [trial.state for trial in trials] == [TrialState.PRUNED, TrialState.COMPLETE]
     assert trials[0].user_attrs["kl"] > 0.001 >= trials[1].values[1]
     assert len(generated) == 1 and summary["pruned"] == 1 and summary["chosen"]["trial"] == 1
+    assert "export" not in summary
 
 
 def test_prune_above_kl_below_max_kl_is_refused(tmp_path):
