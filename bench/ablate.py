@@ -6,20 +6,23 @@ whatever the model's size. This bench re-saves the packaged 0.5B model into many
 shards, then, side by side on the same machine:
 
 * times `shutil.copyfile` of every file into a fresh directory, and `edit_checkpoint` with a
-  plan over every decoder layer (random unit directions) into another, with and without the
-  source hashing, rotating which runs first and reporting medians; every source file is read once beforehand so both start from
-  the same, warm page cache. The edit runs in a child process and is timed inside it, around
-  `edit_checkpoint` only (interpreter start-up and imports are not counted). That time includes
-  the sha256 of every source file (for the manifest), computed on a thread beside the edit; the
-  thread's own time, and the time to hash the files alone, are reported too. CPU seconds are
-  printed next to wall seconds: on a shared machine they move much less from run to run.
+  plan over every decoder layer (random unit directions) into another, rotating which runs first
+  and reporting medians; every source file is read once beforehand so all start from the same,
+  warm page cache. The edit runs twice over: as the ablate stage runs it for a model from the
+  model store (`edit-known`: the source's sha256 sums come from its verified manifest and are
+  passed in) and as for a local directory (`edit-hashed`: every source file is hashed while it is
+  copied). The edit runs in a child process and is timed inside it, around `edit_checkpoint` only
+  (interpreter start-up, imports and, for `edit-known`, the hashes handed in are not counted).
+  The time to hash the files alone is reported too. CPU seconds are printed next to wall
+  seconds: on a shared machine they move much less from run to run.
 * reads the children's peak RSS (`getrusage(RUSAGE_CHILDREN)`) after a child that only imports
   torch and safetensors (the floor), and again after the edit children. The parent itself never
   loads a model: a child inherits its parent's peak RSS into ru_maxrss.
 
     python bench/ablate.py --work /tmp/me/bench-ablate
 
-Last line: `ablate/copy=<ratio> rss/shard=<ratio>`. Targets: ablate/copy <= 1.5, and peak RSS
+Last line: `ablate/copy=<ratio> rss/shard=<ratio>`, the ratio for `edit-known` (the default, packaged
+model's path); the line before gives `edit-hashed`. Targets: ablate/copy <= 1.5, and peak RSS
 <= 1.5 x largest shard + 1 GiB.
 """
 
@@ -43,7 +46,7 @@ MODEL_GLOB = "qwen25_coder_05b-*"
 SEED = 0
 GIB = 1 << 30
 MIB = 1 << 20
-TASKS = ["copy", "edit", "edit-unhashed"]
+TASKS = ["copy", "edit-known", "edit-hashed"]
 
 
 def packaged_model(models_dir: Path) -> Path:
@@ -106,15 +109,18 @@ def child_reshard(source: Path, target: Path, shard_size: str) -> None:
     AutoModelForCausalLM.from_pretrained(source, dtype="auto").save_pretrained(target, max_shard_size=shard_size)
 
 
-def child_edit(source: Path, out_dir: Path, hashed: bool) -> None:
-    """Edit every decoder layer of `source` into `out_dir`; print wall, CPU and hashing seconds as JSON.
+def child_edit(source: Path, out_dir: Path, known: bool) -> None:
+    """Edit every decoder layer of `source` into `out_dir`; print wall and CPU seconds as JSON.
 
-    With `hashed` False the source sha256 is replaced by nothing: what the edit path alone costs.
+    With `known`, the source's sha256 sums are computed first (untimed) and handed to
+    `edit_checkpoint`, as the ablate stage hands it a model-store manifest's; otherwise it hashes
+    every file as it copies it.
     """
     import torch
 
-    from pipeline import weight_edit
+    from pipeline import artifacts
     from pipeline.architectures import num_decoder_layers, text_config
+    from pipeline.weight_edit import edit_checkpoint
 
     config = json.loads((source / "config.json").read_text())
     num_layers, hidden = num_decoder_layers(config), int(text_config(config)["hidden_size"])
@@ -125,35 +131,23 @@ def child_edit(source: Path, out_dir: Path, hashed: bool) -> None:
         "method": "orthogonal",
         "layers": [{"layer": layer, "direction_from": layer, "scale": 1.0} for layer in range(num_layers)],
     }
-    hashing = {"seconds": 0.0}
-    hash_files = weight_edit._hash_files
-
-    def timed_hash_files(*args, **kwargs) -> dict:
-        started = time.perf_counter()
-        try:
-            return hash_files(*args, **kwargs) if hashed else {}
-        finally:
-            hashing["seconds"] += time.perf_counter() - started
-
-    weight_edit._hash_files = timed_hash_files
+    source_hashes = artifacts.file_hashes(source) if known else None
     wall, cpu = time.perf_counter(), time.process_time()
-    report = weight_edit.edit_checkpoint(source, out_dir, plan, directions, progress=False)
+    report = edit_checkpoint(source, out_dir, plan, directions, progress=False, source_hashes=source_hashes)
     print(json.dumps({
         "seconds": time.perf_counter() - wall,
         "cpu": time.process_time() - cpu,
-        "hash_seconds": hashing["seconds"],
         "edited": len(report["edited_tensors"]),
     }))
 
 
 def child_hash(source: Path) -> None:
-    """sha256 of every checkpoint file, exactly as edit_checkpoint computes it, and nothing else."""
-    import threading
-
-    from pipeline.weight_edit import _hash_files
+    """sha256 of every checkpoint file (what a model-store manifest check costs), and nothing else."""
+    from pipeline.artifacts import sha256_file
 
     wall, cpu = time.perf_counter(), time.process_time()
-    _hash_files(source, checkpoint_files(source), threading.Event())
+    for path in checkpoint_files(source):
+        sha256_file(path)
     print(json.dumps({"seconds": time.perf_counter() - wall, "cpu": time.process_time() - cpu}))
 
 
@@ -180,12 +174,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--shard-size", default="100MB")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs of each task, rotating their order")
     parser.add_argument("--child-edit", nargs=2, type=Path, metavar=("SOURCE", "OUT"), help=argparse.SUPPRESS)
-    parser.add_argument("--unhashed", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--known", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--child-hash", type=Path, metavar="SOURCE", help=argparse.SUPPRESS)
     parser.add_argument("--child-reshard", nargs=3, metavar=("SOURCE", "OUT", "SIZE"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child_edit:
-        return child_edit(*args.child_edit, hashed=not args.unhashed)
+        return child_edit(*args.child_edit, known=args.known)
     if args.child_hash:
         return child_hash(args.child_hash)
     if args.child_reshard:
@@ -213,27 +207,27 @@ def main(argv: list[str] | None = None) -> None:
             if task == "copy":
                 runs[task].append(timed_copy(files, out_dir))
             else:
-                flags = ["--unhashed"] if task == "edit-unhashed" else []
+                flags = ["--known"] if task == "edit-known" else []
                 runs[task].append(run_child("--child-edit", str(sharded), str(out_dir), *flags))
             shutil.rmtree(out_dir)
-    copies, edits, unhashed = runs["copy"], runs["edit"], runs["edit-unhashed"]
-    peak = children_peak_rss()  # before the hash-only children, which map whole shards too
+    copies, known, hashed = runs["copy"], runs["edit-known"], runs["edit-hashed"]
+    peak = children_peak_rss()  # before the hash-only children
     hashes = [run_child("--child-hash", str(sharded)) for _ in range(args.repeats)]
 
-    copy_s, edit_s = median(copies), median(edits)
+    copy_s = median(copies)
     budget = 1.5 * largest + GIB
     print(f"copy:        median {copy_s:.2f}s wall, {median(copies, 'cpu'):.2f}s CPU  (runs: {listed(copies)})")
-    print(f"ablate edit: median {edit_s:.2f}s wall, {median(edits, 'cpu'):.2f}s CPU  (runs: {listed(edits)}; "
-          f"{edits[0]['edited']} tensors edited)")
-    print(f"  of which sha256 of the source, on its own thread: median {median(edits, 'hash_seconds'):.2f}s wall")
-    print(f"ablate edit without the sha256: median {median(unhashed):.2f}s wall, {median(unhashed, 'cpu'):.2f}s CPU  "
-          f"(runs: {listed(unhashed)})")
+    print(f"ablate edit, hashes known (model store): median {median(known):.2f}s wall, {median(known, 'cpu'):.2f}s CPU  "
+          f"(runs: {listed(known)}; {known[0]['edited']} tensors edited)")
+    print(f"ablate edit, hashed while copied (local): median {median(hashed):.2f}s wall, {median(hashed, 'cpu'):.2f}s CPU  "
+          f"(runs: {listed(hashed)})")
     print(f"sha256 alone: median {median(hashes):.2f}s wall, {median(hashes, 'cpu'):.2f}s CPU  (runs: {listed(hashes)})")
-    print(f"ratios to copy: ablate CPU {median(edits, 'cpu') / median(copies, 'cpu'):.2f}, "
-          f"ablate without sha256 wall {median(unhashed) / copy_s:.2f}, sha256 alone wall {median(hashes) / copy_s:.2f}")
+    print(f"CPU ratios to copy: hashes known {median(known, 'cpu') / median(copies, 'cpu'):.2f}, "
+          f"hashed while copied {median(hashed, 'cpu') / median(copies, 'cpu'):.2f}")
     print(f"peak RSS: edit children {peak / MIB:.0f} MiB, bare `import torch, safetensors` child {floor / MIB:.0f} MiB; "
           f"budget 1.5 x largest shard + 1 GiB = {budget / MIB:.0f} MiB ({'within' if peak <= budget else 'OVER'})")
-    print(f"ablate/copy={edit_s / copy_s:.2f} rss/shard={peak / largest:.2f}")
+    print(f"ablate-hashed/copy={median(hashed) / copy_s:.2f}")
+    print(f"ablate/copy={median(known) / copy_s:.2f} rss/shard={peak / largest:.2f}")
 
 
 if __name__ == "__main__":

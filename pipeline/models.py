@@ -30,6 +30,8 @@ from filelock import FileLock
 from pipeline import artifacts
 from pipeline.errors import PipelineError
 
+MATERIALIZED_SOURCES = ("packaged", "gguf", "tiny")
+"""Sources that become a directory in the model store, with a manifest of verified file hashes."""
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".h5", ".msgpack")
 CHATML_TEMPLATE = (
     "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
@@ -72,7 +74,7 @@ def resolve_model_dir(model_cfg: Mapping[str, Any], model_store: Path, progress:
         return _checked_checkpoint(path)
     if source == "hub":
         return _checked_checkpoint(_hub_snapshot(model_cfg))
-    if source in ("packaged", "gguf", "tiny"):
+    if source in MATERIALIZED_SOURCES:
         return _materialize(model_cfg, Path(model_store), progress)
     raise PipelineError(f"model.source={source!r} is not one of hub, local, gguf, packaged, tiny")
 

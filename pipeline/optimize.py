@@ -488,14 +488,14 @@ def run_optimize(cfg: DictConfig, output_dir: Path | None = None) -> dict[str, A
         study = open_study(study_dir, space, int(cfg.run.seed), int(settings["startup_trials"]))
         remaining = wanted - len(finished(study))
         log.info("study %s: %d trials done, %d to run", study_dir, wanted - max(remaining, 0), max(remaining, 0))
+        eval_cfg = trial_eval_config(OmegaConf.to_container(cfg.eval, resolve=True), settings)
         if remaining > 0:
-            eval_cfg = trial_eval_config(OmegaConf.to_container(cfg.eval, resolve=True), settings)
             scorer = TrialScorer(cfg, measurements, baseline.dir, model_store, eval_cfg)
             objective = make_objective(scorer, space, measure.key, prune_above_kl)
             study.optimize(objective, n_trials=remaining, catch=())
             del scorer  # free the model before ablate/evaluate load their own copies
             gc.collect()
-        summary = summarize(study, measurements, measure.key, max_kl, study_dir)
+        summary = summarize(study, measurements, measure.key, max_kl, int(eval_cfg["max_new_tokens"]), study_dir)
     finally:
         lock.release()
     if settings["export"]:
@@ -519,7 +519,12 @@ def run_optimize(cfg: DictConfig, output_dir: Path | None = None) -> dict[str, A
 
 
 def summarize(
-    study: optuna.Study, measurements: Measurements, source_measurement: str, max_kl: float, study_dir: Path
+    study: optuna.Study,
+    measurements: Measurements,
+    source_measurement: str,
+    max_kl: float,
+    trial_tokens: int,
+    study_dir: Path,
 ) -> dict[str, Any]:
     """Choose the plan, write it and the front into `study_dir`, and return the facts for optimize.json."""
     trials = completed(study)
@@ -535,13 +540,15 @@ def summarize(
     }
     write_rows(study_dir / "trials.csv", [rows[trial.number] for trial in trials])
     write_rows(study_dir / "pareto.csv", [rows[trial.number] for trial in front])
-    plot_front(study_dir / "pareto.png", trials, front, chosen, max_kl, f"{measurements.meta['model_id']}: {len(trials)} trials")
+    title = f"{measurements.meta['model_id']}: {len(trials)} trials, {trial_tokens} tokens per completion"
+    plot_front(study_dir / "pareto.png", trials, front, chosen, max_kl, title)
     write_plan(study_dir / "ablation.yaml", plans[chosen.number])
     depth_of = 1 / max(1, int(measurements.meta["num_layers"]) - 1)
     summary = plan_summary(plans[chosen.number])
     return {
         "study_dir": str(study_dir),
         "trials": len(trials),
+        "trial_max_new_tokens": trial_tokens,
         "pruned": len(study.get_trials(deepcopy=False, states=(TrialState.PRUNED,))),
         "failed_or_retried": len(study.get_trials(deepcopy=False, states=(TrialState.FAIL,))),
         "trial_seconds": round(sum(trial.user_attrs["seconds"] for trial in finished(study)), 1),

@@ -122,10 +122,13 @@ def a_regular_file(scene: Scene) -> None:
 
 
 def disk_full(monkeypatch: pytest.MonkeyPatch) -> None:
-    def no_space(tensors, filename, metadata=None):
-        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(filename))
+    """The OS calls that write the ablated shards fail as a full disk makes them: no file name attached."""
 
-    monkeypatch.setattr("safetensors.torch.save_file", no_space)
+    def no_space(*_args):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "sendfile", no_space)  # the kernel copy of each file
+    monkeypatch.setattr(os, "pwrite", no_space)  # edited tensors, and copies that hash as they go
 
 
 def hub_offline(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -16,7 +16,7 @@ from pipeline.plan import check_measurement_matches, plan_to_text, read_plan, wr
 from pipeline.stage import StageContext
 from pipeline.stages import select
 from pipeline.stages.measure import Measurements, read_measurements, write_measurements
-from pipeline.stages.select import build_plan, select_layers, settings_from_config
+from pipeline.stages.select import build_plan, direction_source_layer, select_layers, settings_from_config
 
 MODE_DIR = Path(__file__).resolve().parents[1] / "pipeline" / "conf" / "mode"
 
@@ -39,6 +39,7 @@ def config(mode: str = "balanced", kind: str = "moe", **overrides) -> dict:
         "skip_last": 0.0,
         "direction_from": "own",
         "scale": 1.0,
+        "attn_scale": None,
         "method": "orthogonal",
     }
     for key, value in overrides.items():
@@ -192,7 +193,8 @@ def test_best_direction_source_points_every_layer_at_the_best_selected_layer():
         ({"select__relative_min": 1.5}, r"select.relative_min must be within \[0, 1\], got 1.5"),
         ({"select__skip_first": 1.0}, r"select.skip_first must be within \[0, 1\), got 1.0"),
         ({"select__skip_last": -0.1}, r"select.skip_last must be within \[0, 1\), got -0.1"),
-        ({"select__direction_from": "mine"}, "select.direction_from must be one of own, best, got 'mine'"),
+        ({"select__direction_from": "mine"}, r"select.direction_from must be one of own, best or a depth fraction in \[0, 1\], got 'mine'"),
+        ({"select__direction_from": 1.5}, r"select.direction_from must be one of own, best or a depth fraction in \[0, 1\], got 1.5"),
         ({"select__method": "svd"}, "select.method must be one of orthogonal, norm_preserving, got 'svd'"),
         ({"select__scale": float("nan")}, "select.scale must be a finite number, got nan"),
         ({"select__extra": 1}, "select has unknown key select.extra; remove it"),
@@ -339,3 +341,24 @@ def test_stage_writes_nothing_when_nothing_qualifies(tmp_path):
     with pytest.raises(PipelineError, match="try mode.min_quality=0.04"):
         run_select(tmp_path, synthetic_measurements(GLM_QUALITY), config(mode__min_quality=0.05))
     assert list((tmp_path / "select_out").iterdir()) == []
+
+
+def test_depth_fraction_gives_every_layer_one_interpolated_direction():
+    """direction_from=0.55 on 24 layers: every planned layer ablates the direction at layer 12.65."""
+    assert direction_source_layer(0.55, 3, [7, 3], 24) == 12.65
+    assert direction_source_layer(0.5, 3, [7, 3], 21) == 10
+    assert direction_source_layer("own", 3, [7, 3], 24) == 3
+    assert direction_source_layer("best", 3, [7, 3], 24) == 7
+
+
+def test_band_preset_plans_the_window_with_one_direction_and_split_scales():
+    """mode=band on 24 layers: layers 3..18, direction from layer 0.6*23 = 13.8, MLP scale 1.2, attention 1.0."""
+    band = OmegaConf.to_container(OmegaConf.load(MODE_DIR / "band.yaml"), resolve=True)
+    chosen = settings_from_config(
+        {"mode": band["mode"], "select": {**config()["select"], **band["select"]}}
+    )
+    plan = build_plan(synthetic_measurements([0.001 * (i + 1) for i in range(24)]), chosen, "key")
+    assert [entry["layer"] for entry in plan["layers"]] == list(range(3, 19))
+    assert {entry["direction_from"] for entry in plan["layers"]} == {13.8}
+    assert {(entry["scale"], entry["attn_scale"]) for entry in plan["layers"]} == {(1.2, 1.0)}
+    assert plan["method"] == "norm_preserving" and plan["direction_source"] == "single"

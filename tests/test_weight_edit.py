@@ -345,16 +345,63 @@ def test_read_only_output_dir(llama_source: Path, tmp_path: Path) -> None:
         locked.chmod(0o700)
 
 
+@pytest.mark.parametrize(
+    "point",
+    [
+        "copy",  # the kernel copy of a shard (source hashes known, as from the model store)
+        "overwrite",  # an edited tensor written over its range of the copy
+        "hashed copy",  # the read-hash-write loop of a source without known hashes
+    ],
+)
 @pytest.mark.parametrize("code", [errno.ENOSPC, errno.EACCES, errno.EROFS])
-def test_write_failures_become_pipeline_errors(code: int, llama_source: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Disk full, permission denied, read-only file system: simulated at the shard write."""
-    def failing(*_args: Any, **_kwargs: Any) -> None:
+def test_write_failures_become_pipeline_errors(
+    code: int, point: str, llama_source: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Disk full, permission denied, read-only file system: the OS call that writes the shard fails, with
+    no file name, as a full or read-only disk makes it. A failed overwrite would leave a valid-looking
+    shard with unedited weights: it is removed with everything else this call wrote."""
+    def failing(*_args: Any) -> int:
         raise OSError(code, os.strerror(code))
 
-    monkeypatch.setattr(safetensors.torch, "save_file", failing)
+    monkeypatch.setattr(os, "sendfile" if point == "copy" else "pwrite", failing)
+    known = sha256s(llama_source) if point != "hashed copy" else None
+    out = tmp_path / "out"
     with pytest.raises(PipelineError, match=os.strerror(code)) as raised:
-        edit_checkpoint(llama_source, tmp_path / "out", one_layer_plan(), torch.randn(3, HIDDEN), progress=False)
-    assert str(tmp_path / "out") in str(raised.value) and "\n" not in str(raised.value)
+        edit_checkpoint(llama_source, out, one_layer_plan(), torch.randn(3, HIDDEN), progress=False, source_hashes=known)
+    assert f"cannot write {out / 'model.safetensors'}: " in str(raised.value) and "\n" not in str(raised.value)
+    assert not out.exists()
+
+
+def test_known_source_hashes_are_taken_and_output_is_the_same(llama_source: Path, tmp_path: Path) -> None:
+    """Hashes passed in (a verified model-store manifest) are not recomputed; files without one are hashed
+    as they are copied. Either way the output bytes are the same, and the edited tensor is exactly
+    `orthogonalize` of the source tensor: same bytes, in the source's byte range, header untouched."""
+    directions = torch.randn(3, HIDDEN, generator=torch.Generator().manual_seed(11))
+    hashed = edit_checkpoint(llama_source, tmp_path / "hashed", one_layer_plan(), directions, progress=False)
+    assert hashed["source_files"] == sha256s(llama_source)
+    stand_in = "0" * 64  # not config.json's real hash: returned as given proves it was not recomputed
+    known = {name: digest for name, digest in hashed["source_files"].items() if name != "tokenizer_config.json"}
+    given = edit_checkpoint(
+        llama_source, tmp_path / "given", one_layer_plan(), directions, progress=False,
+        source_hashes={**known, "config.json": stand_in, "not-copied.bin": stand_in},
+    )
+    assert given["source_files"] == {**hashed["source_files"], "config.json": stand_in}
+    assert sha256s(tmp_path / "given") == sha256s(tmp_path / "hashed")
+
+    shard = "model.safetensors"
+    source_bytes, out_bytes = (llama_source / shard).read_bytes(), (tmp_path / "given" / shard).read_bytes()
+    header_end = 8 + int.from_bytes(source_bytes[:8], "little")
+    assert len(out_bytes) == len(source_bytes) and out_bytes[:header_end] == source_bytes[:header_end]
+    name = "model.layers.1.self_attn.o_proj.weight"
+    source_tensor = safetensors.torch.load_file(llama_source / shard)[name]
+    expected = orthogonalize(source_tensor, direction_for(directions, 1), 1.0, 0)
+    assert torch.equal(read_all(tmp_path / "given")[name].view(torch.uint8), expected.view(torch.uint8))
+    header = json.loads(source_bytes[8:header_end])
+    spans = [range(header_end + header[edited]["data_offsets"][0], header_end + header[edited]["data_offsets"][1])
+             for edited in given["edited_tensors"]]
+    changed = (torch.frombuffer(bytearray(out_bytes), dtype=torch.uint8)
+               != torch.frombuffer(bytearray(source_bytes), dtype=torch.uint8)).nonzero().flatten().tolist()
+    assert changed and all(any(i in span for span in spans) for i in changed)  # only the edited tensors' bytes
 
 
 def test_output_inside_source_is_refused(llama_source: Path) -> None:
@@ -402,7 +449,9 @@ def test_ablate_stage_edits_the_resolved_checkpoint(tmp_path: Path) -> None:
     STAGE.run(ctx)
 
     source_dir = Path(ctx.manifest_extra["source"]["dir"])
-    assert "model.safetensors" in ctx.manifest_extra["source"]["files"]
+    source_files = ctx.manifest_extra["source"]["files"]
+    assert "model.safetensors" in source_files  # from the model store's verified manifest, not hashed again
+    assert source_files == {name: hashlib.sha256((source_dir / name).read_bytes()).hexdigest() for name in source_files}
     assert ctx.manifest_extra["edited_tensors"] == 1 + 4 + 1  # o_proj, 4 experts, shared expert of layer 1
     edited, source = read_all(out_dir / "model"), read_all(source_dir)
     biprojected = direction_for(tensors["biprojected_direction"], 1)  # norm_preserving uses the biprojected table

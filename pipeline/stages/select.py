@@ -34,7 +34,7 @@ from pipeline.stages.measure import Measurements, layers_by_quality, plot_qualit
 MODE_KEYS = ("name", "min_quality", "top_n")
 MODE_IGNORED = ("presets",)
 """The mode group's per-kind presets have already been resolved into min_quality/top_n."""
-SELECT_KEYS = ("relative_min", "skip_first", "skip_last", "direction_from", "scale", "method")
+SELECT_KEYS = ("relative_min", "skip_first", "skip_last", "direction_from", "scale", "attn_scale", "method")
 
 log = logging.getLogger(__name__)
 
@@ -49,8 +49,11 @@ class SelectionSettings:
     relative_min: float
     skip_first: float
     skip_last: float
-    direction_from: str
+    direction_from: str | float
+    """"own", "best", or a depth fraction f: one direction for every layer, from layer f*(L-1) (interpolated)."""
     scale: float
+    attn_scale: float | None
+    """Scale for the attention output projection; None: the same as `scale` (which covers the MLP writers)."""
     method: str
 
 
@@ -90,9 +93,12 @@ def _settings(config: Mapping[str, Any]) -> SelectionSettings:
     for key in ("skip_first", "skip_last"):
         if not 0 <= _number(select[key], f"select.{key}") < 1:
             raise PipelineError(f"select.{key} must be within [0, 1), got {select[key]}")
-    if select["direction_from"] not in DIRECTION_SOURCES:
+    direction_from = select["direction_from"]
+    is_depth = isinstance(direction_from, (int, float)) and not isinstance(direction_from, bool)
+    if not (direction_from in DIRECTION_SOURCES or (is_depth and 0 <= direction_from <= 1)):
         raise PipelineError(
-            f"select.direction_from must be one of {', '.join(DIRECTION_SOURCES)}, got {select['direction_from']!r}"
+            f"select.direction_from must be one of {', '.join(DIRECTION_SOURCES)} or a depth fraction in [0, 1], "
+            f"got {direction_from!r}"
         )
     if select["method"] not in METHODS:
         raise PipelineError(f"select.method must be one of {', '.join(METHODS)}, got {select['method']!r}")
@@ -105,8 +111,9 @@ def _settings(config: Mapping[str, Any]) -> SelectionSettings:
         relative_min=relative_min,
         skip_first=float(select["skip_first"]),
         skip_last=float(select["skip_last"]),
-        direction_from=select["direction_from"],
+        direction_from=direction_from if not is_depth else float(direction_from),
         scale=_number(select["scale"], "select.scale"),
+        attn_scale=None if select["attn_scale"] is None else _number(select["attn_scale"], "select.attn_scale"),
         method=select["method"],
     )
 
@@ -196,17 +203,32 @@ def build_plan(measurements: Measurements, settings: SelectionSettings, source_m
             "skip_last": settings.skip_last,
         },
         "method": settings.method,
-        "direction_source": settings.direction_from,
+        "direction_source": settings.direction_from if isinstance(settings.direction_from, str) else "single",
         "layers": [
             {
                 "layer": layer,
-                "direction_from": layer if settings.direction_from == "own" else chosen[0],
+                "direction_from": direction_source_layer(settings.direction_from, layer, chosen, len(quality)),
                 "scale": settings.scale,
+                **({} if settings.attn_scale is None else {"attn_scale": settings.attn_scale}),
                 "quality": quality[layer],
             }
             for layer in sorted(chosen)
         ],
     }
+
+
+def direction_source_layer(direction_from: str | float, layer: int, chosen: Sequence[int], num_layers: int) -> int | float:
+    """Where a planned layer takes its direction: itself, the best chosen layer, or a fixed depth.
+
+    A depth fraction f names the (possibly fractional) layer f*(L-1), rounded to 2 decimals, the same
+    convention as `python -m pipeline.optimize`'s `direction_depth`, so its winners translate directly.
+    """
+    if direction_from == "own":
+        return layer
+    if direction_from == "best":
+        return chosen[0]
+    position = round(float(direction_from) * (num_layers - 1), 2)
+    return int(position) if position == int(position) else position
 
 
 def replay_path(value: Any) -> Path:
