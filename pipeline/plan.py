@@ -27,7 +27,7 @@ PLAN_DIRECTION_SOURCES = (*DIRECTION_SOURCES, "single")
 """What a plan may record: `single` is one shared direction chosen by a search (`pipeline.optimize`),
 possibly interpolated between two layers (direction_from 12.5 blends layers 12 and 13)."""
 HEADER = (
-    "# ablation plan written by the select stage; python -m pipeline.regen recomputes committed ones\n"
+    "# ablation plan (select, optimize or by hand); replay: python -m pipeline plan=<file>; regen: python -m pipeline.regen\n"
     "# layer numbers are 0-based decoder layers\n"
 )
 

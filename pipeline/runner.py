@@ -50,6 +50,7 @@ NON_SEMANTIC_KEYS = frozenset(
         "model.device_map",
         "model.max_memory",
         "model.offload_folder",
+        "plan",  # the replayed plan's path: select hashes the file's content instead (its input_digest)
     }
 )
 LIBRARIES = ("torch", "transformers", "accelerate", "safetensors", "hydra-core", "omegaconf", "datasets")

@@ -95,9 +95,14 @@ def test_a_key_changes_with_the_stage_version_and_upstream_versions():
 
 @pytest.mark.parametrize("dotted", sorted(NON_SEMANTIC_KEYS))
 def test_non_semantic_keys_never_change_a_key(dotted):
-    section, leaf = dotted.split(".", 1)
-    stage = Stage("only", "1", (), (section,), _write_slice_and_inputs)
-    config = OmegaConf.create({section: {leaf: "a", "semantic": 1}, "run": {"seed": 0, "progress": False}})
+    if "." in dotted:
+        section, leaf = dotted.split(".", 1)
+        stage = Stage("only", "1", (), (section,), _write_slice_and_inputs)
+        config = OmegaConf.create({section: {leaf: "a", "semantic": 1}, "run": {"seed": 0, "progress": False}})
+    else:  # a top-level key (plan=): the stage reads it beside a semantic section
+        section = "other"
+        stage = Stage("only", "1", (), (dotted, section), _write_slice_and_inputs)
+        config = OmegaConf.create({dotted: "a", section: {"semantic": 1}, "run": {"seed": 0, "progress": False}})
 
     def key_with(**dotted_values: object) -> str:
         changed = config.copy()

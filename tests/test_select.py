@@ -253,7 +253,7 @@ def test_pickle_measurement_files_are_refused(tmp_path, suffix):
 # --- the plan format -------------------------------------------------------------------------------------------
 
 SMALL_PLAN_TEXT = """\
-# ablation plan written by the select stage; python -m pipeline.regen recomputes committed ones
+# ablation plan (select, optimize or by hand); replay: python -m pipeline plan=<file>; regen: python -m pipeline.regen
 # layer numbers are 0-based decoder layers
 direction_source: "own"
 hidden_size: 8
