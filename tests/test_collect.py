@@ -12,6 +12,7 @@ from transformers import Qwen2Config, Qwen2ForCausalLM
 
 from pipeline import distributed
 from pipeline.activations import post_instruction_ids, prompt_tokens
+from pipeline.errors import PipelineError
 from pipeline.models import byte_level_tokenizer, load_model
 from pipeline.stages.collect import collect_class
 from tiny_pipeline import compose_config, model_store, pipeline_command, run_command, run_in_process  # noqa: F401
@@ -165,6 +166,20 @@ def test_streamed_statistics_give_the_same_measurement(single_process):
 
 def relative_paths(root: Path) -> list[str]:
     return sorted(str(path.relative_to(root)) for path in root.rglob("*"))
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("collect.positions=first", "collect.positions='first' is not one of last, post_instruction, post_instruction_mean"),
+        ("collect.batch_size=0", "collect.batch_size=0 must be a positive integer or auto"),
+        ("collect.keep_activations=maybe", "collect.keep_activations='maybe' must be true or false"),
+    ],
+)
+def test_bad_settings_fail_before_any_work(override, message, tmp_path):
+    with pytest.raises(PipelineError, match=message):
+        run_in_process([override, f"cache.dir={tmp_path / 'cache'}", f"cache.models={tmp_path / 'models'}"])
+    assert not (tmp_path / "models").exists(), "validation runs before the model is materialized"
 
 
 def test_contiguous_shards_cover_the_prompts_in_order():

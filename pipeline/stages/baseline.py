@@ -9,27 +9,21 @@ Wilson interval), `completions.jsonl` (prompt, completion, refused) and
 from __future__ import annotations
 
 import json
-from pathlib import Path
 from typing import Any, Mapping
 
 
 from pipeline.artifacts import save_tensors, write_json
 from pipeline.evaluation import first_token_logprobs, greedy_completions, is_refusal, refusal_summary
-from pipeline.models import load_model, model_fingerprint, resolve_model_dir
+from pipeline.models import load_model
 from pipeline.prompt_sets import prompt_splits
 from pipeline.stage import Stage, StageContext
+from pipeline.stages.collect import input_digest  # the same inputs: prompt files and the checkpoint
 
 
 def eval_prompts(prompts_cfg: Mapping[str, Any], eval_cfg: Mapping[str, Any]) -> tuple[list[str], list[str]]:
     """(harmful prompts for the refusal rate, harmless prompts for KL), both from the held-out split."""
     splits = prompt_splits(prompts_cfg)
     return list(splits.harmful_eval), list(splits.harmless_eval[: int(eval_cfg["kl_prompts"])])
-
-
-def input_digest(config: Mapping[str, Any], model_store: Path) -> dict[str, str]:
-    hashes = prompt_splits(config["prompts"]).hashes
-    model_dir = resolve_model_dir(config["model"], model_store)
-    return {"harmful": hashes["harmful"], "harmless": hashes["harmless"], "model": model_fingerprint(model_dir)}
 
 
 def score_model(model, tokenizer, harmful: list[str], harmless: list[str], eval_cfg: Mapping[str, Any], progress: bool):

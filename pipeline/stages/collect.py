@@ -57,6 +57,18 @@ def input_digest(config: Mapping[str, Any], model_store: Path) -> dict[str, str]
     return {"harmful": hashes["harmful"], "harmless": hashes["harmless"], "model": model_fingerprint(model_dir)}
 
 
+def validate(config: Mapping[str, Any]) -> None:
+    """Refuse bad `collect.*` values in one line before any model is loaded (the runner calls this first)."""
+    settings = config["collect"]
+    if settings["positions"] not in POSITIONS:
+        raise PipelineError(f"collect.positions={settings['positions']!r} is not one of {', '.join(POSITIONS)}")
+    size = settings["batch_size"]
+    if size != "auto" and (isinstance(size, bool) or not isinstance(size, int) or size < 1):
+        raise PipelineError(f"collect.batch_size={size!r} must be a positive integer or auto")
+    if not isinstance(settings["keep_activations"], bool):
+        raise PipelineError(f"collect.keep_activations={settings['keep_activations']!r} must be true or false")
+
+
 def kept_tensors(
     label: str, batches: Iterable[ResidualBatch], rows: int, shape: tuple[int, int, int], positions: str
 ) -> dict[str, torch.Tensor]:
@@ -127,10 +139,9 @@ def collect_class(
 
 
 def run(ctx: StageContext) -> None:
+    validate(ctx.config)
     settings = ctx.config["collect"]
-    positions, keep = settings["positions"], bool(settings["keep_activations"])
-    if positions not in POSITIONS:
-        raise PipelineError(f"collect.positions={positions!r} is not one of {', '.join(POSITIONS)}")
+    positions, keep = settings["positions"], settings["keep_activations"]
     main = distributed.is_main_process()
     splits = prompt_splits(ctx.config["prompts"])
     model_cfg = dict(ctx.config["model"])
@@ -186,5 +197,6 @@ STAGE = Stage(
     config_keys=("model", "prompts", "collect"),
     run=run,
     input_digest=input_digest,
+    validate=validate,
     data_parallel=True,
 )
