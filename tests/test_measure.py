@@ -184,6 +184,7 @@ def select_with(measurements, **select_overrides) -> list[int]:
             "skip_last": 0.0,
             "direction_from": "own",
             "scale": 1.0,
+            "attn_scale": None,
             "method": "orthogonal",
             **select_overrides,
         },

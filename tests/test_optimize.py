@@ -198,7 +198,7 @@ def test_results_land_in_the_run_dir_and_the_study_dir(study):
 def test_the_export_is_the_chosen_trial_scored_by_the_evaluate_stage(study):
     summary = study["second"]
     chosen, final = summary["chosen"], summary["final"]
-    assert chosen["kl"] > 1e-3, "the seeds are strong enough for KL to be a real check"
+    assert chosen["kl"] > 1e-4, "KL must be far above the 1e-6 replay tolerance for the check to mean anything"
     assert final["refused"] == chosen["refused"] and final["n"] == chosen["n"] == 8
     assert final["kl"] == pytest.approx(chosen["kl"], abs=1e-6)
     select_dir = Path(summary["export"]["stages"]["select"]["dir"])
