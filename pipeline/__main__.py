@@ -22,6 +22,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig
 from omegaconf.errors import OmegaConfBaseException
 
+from pipeline import distributed
 from pipeline.artifacts import write_json
 from pipeline.errors import PipelineError
 from pipeline.paths import user_path
@@ -57,7 +58,7 @@ def run_pipeline(cfg: DictConfig, output_dir: Path | None = None) -> dict:
     }
     if failure is not None:
         summary["error"] = str(failure)
-    if output_dir is not None:
+    if output_dir is not None and distributed.is_main_process():  # under a launch, helper ranks share the run dir
         write_json(output_dir / "run.json", summary)
     if failure is not None:
         raise failure
