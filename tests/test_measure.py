@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import save_file
+from tiny_pipeline import select_defaults
 from transformers import Qwen2Config, Qwen2Model
 
 from pipeline.errors import PipelineError
@@ -178,16 +179,7 @@ def cos_with(measurements, u: torch.Tensor) -> list[float]:
 def select_with(measurements, **select_overrides) -> list[int]:
     config = {
         "mode": {"name": "balanced", "min_quality": 0.015, "top_n": 12},
-        "select": {
-            "relative_min": 0.0,
-            "skip_first": 0.0,
-            "skip_last": 0.0,
-            "direction_from": "own",
-            "scale": 1.0,
-            "attn_scale": None,
-            "method": "orthogonal",
-            **select_overrides,
-        },
+        "select": {**select_defaults(), **select_overrides},
     }
     return select_layers(measurements.quality, settings_from_config(config))
 

@@ -10,13 +10,19 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
+from tiny_pipeline import select_defaults
 
 from pipeline.errors import PipelineError
 from pipeline.plan import check_measurement_matches, plan_to_text, read_plan, write_plan
 from pipeline.stage import StageContext
 from pipeline.stages import select
 from pipeline.stages.measure import Measurements, read_measurements, write_measurements
-from pipeline.stages.select import build_plan, direction_source_layer, select_layers, settings_from_config
+from pipeline.stages.select import (
+    build_plan,
+    direction_source_layer,
+    select_layers,
+    settings_from_config,
+)
 
 MODE_DIR = Path(__file__).resolve().parents[1] / "pipeline" / "conf" / "mode"
 
@@ -33,15 +39,7 @@ def mode_config(mode: str, kind: str) -> dict:
 
 def config(mode: str = "balanced", kind: str = "moe", **overrides) -> dict:
     mode_section = mode_config(mode, kind)
-    select_section = {
-        "relative_min": 0.0,
-        "skip_first": 0.0,
-        "skip_last": 0.0,
-        "direction_from": "own",
-        "scale": 1.0,
-        "attn_scale": None,
-        "method": "orthogonal",
-    }
+    select_section = select_defaults()
     for key, value in overrides.items():
         section, name = key.split("__")
         (mode_section if section == "mode" else select_section)[name] = value

@@ -18,7 +18,7 @@ from typing import Sequence
 
 import pytest
 from hydra import compose, initialize_config_dir
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 import pipeline
 from pipeline.__main__ import cli, run_pipeline
@@ -37,6 +37,11 @@ SMALL = (
 )
 """The whole pipeline in a few seconds: tiny random Qwen2, 16 train / 8 eval prompts per class."""
 STAGES = ("collect", "baseline", "measure", "select", "ablate", "evaluate")
+
+
+def select_defaults() -> dict:
+    """The `select` group's shipped defaults (own directions, no depth window, scale 1, orthogonal)."""
+    return OmegaConf.to_container(OmegaConf.load(CONF / "select" / "default.yaml"))
 
 
 def compose_config(overrides: Sequence[str]) -> DictConfig:
