@@ -19,17 +19,18 @@ overwriting only the edited tensors' bytes, and never touches the source).
 from __future__ import annotations
 
 import errno
-import hashlib
 import json
 import math
 import os
 import shutil
 import sys
-from contextlib import contextmanager, nullcontext, suppress
+import threading
+from concurrent.futures import Executor, ThreadPoolExecutor, wait
+from contextlib import contextmanager, suppress
 from functools import partial
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping, NoReturn
+from typing import Any, Callable, Iterator, Mapping, NoReturn, Sequence
 
 import torch
 from safetensors import safe_open
@@ -45,6 +46,7 @@ from pipeline.architectures import (
     num_decoder_layers,
     residual_writers,
 )
+from pipeline.artifacts import sha256_file
 from pipeline.errors import PipelineError
 
 METHODS = ("orthogonal", "norm_preserving")
@@ -307,45 +309,48 @@ def apply_plan_in_memory(
 # --- on disk ---------------------------------------------------------------------------------
 
 
-def _copy_file(
-    source: Path, target: Path, digest: Any | None, replacements: Mapping[int, tuple[int, Callable[[], Any]]] | None = None
-) -> None:
-    """Copy `source` to `target` in one pass; with `digest` (a hashlib object), feed it every source byte.
-
-    `replacements` maps a byte offset to (end offset, a function returning that many new bytes): those
-    ranges get the new bytes instead of the source's (an edited tensor over its old bytes, so nothing
-    is written twice). Without a digest the kernel copies the rest (`sendfile`, no bytes through
-    Python). With one, a read loop in 1 MiB blocks hashes each block while it is still in the CPU
-    cache and writes it: one read of the source instead of a kernel copy plus a second pass for the
-    hash (measured on the project's 2-core machine: the same CPU as copy-then-hash; 8 MiB blocks were
-    50% slower, out of cache).
-    """
+def _copy_gaps(source: Path, target: Path, edits: Sequence[TensorEdit], progress: tqdm) -> None:
+    """Copy every byte of `source` outside the `edits` ranges into the same offsets of `target`
+    (already created at its full size), through the kernel (`sendfile`) where it can."""
     with open(source, "rb", buffering=0) as reader:
         size = os.fstat(reader.fileno()).st_size
         try:
-            with open(target, "wb", buffering=0) as writer:
+            with open(target, "r+b", buffering=0) as writer:
                 position = 0
-                for begin, (end, new_bytes) in sorted({**(replacements or {}), size: (size, None)}.items()):
-                    _copy_range(reader, writer, position, begin, digest, write=True)
-                    if new_bytes is not None:
-                        _copy_range(reader, writer, begin, end, digest, write=False)
-                        _write_at(writer, begin, memoryview(new_bytes()).cast("B"), end - begin, source)
+                for begin, end in [*((edit.begin, edit.end) for edit in edits), (size, size)]:
+                    _copy_range(reader, writer, position, begin)
+                    progress.update(begin - position)
                     position = end
         except OSError as error:
             _raise_write_error(error, target)
 
 
-def _copy_range(reader: Any, writer: Any, start: int, end: int, digest: Any | None, write: bool) -> None:
-    """Bytes [start, end) of `reader`: written at the same offset of `writer` (when `write`), hashed (with `digest`)."""
-    if write and digest is None and KERNEL_COPY:
+def _write_edits(shards: Sequence[tuple[Path, Path, Sequence[TensorEdit]]], stop: threading.Event, progress: tqdm) -> None:
+    """For each (source shard, target, planned tensors), in file order: read each tensor, edit it and
+    write its bytes at its offset of the target. Runs on the edit worker beside the copy of the
+    gaps; `stop` ends it early when the copy failed."""
+    for source, target, edits in shards:
+        with safe_open(source, framework="pt") as reader, open(target, "r+b", buffering=0) as writer:
+            for edit in edits:
+                if stop.is_set():
+                    return
+                new_bytes = memoryview(edit.apply(reader.get_tensor(edit.name))).cast("B")
+                try:
+                    _write_at(writer, edit.begin, new_bytes, edit.end - edit.begin, source)
+                except OSError as error:
+                    _raise_write_error(error, target)
+                progress.update(edit.end - edit.begin)
+
+
+def _copy_range(reader: Any, writer: Any, start: int, end: int) -> None:
+    """Bytes [start, end) of `reader`, written at the same offset of `writer`."""
+    if KERNEL_COPY:
         os.lseek(writer.fileno(), start, os.SEEK_SET)
         while start < end:
             sent = os.sendfile(writer.fileno(), reader.fileno(), start, end - start)
             if not sent:
                 raise OSError(errno.EIO, "source file shrank while it was copied", reader.name)
             start += sent
-        return
-    if digest is None and not write:
         return
     block = bytearray(COPY_BLOCK)
     view = memoryview(block)
@@ -354,10 +359,7 @@ def _copy_range(reader: Any, writer: Any, start: int, end: int, digest: Any | No
         size = reader.readinto(view[: min(COPY_BLOCK, end - start)])
         if not size:
             raise OSError(errno.EIO, "source file shrank while it was copied", reader.name)
-        if digest is not None:
-            digest.update(view[:size])
-        if write:
-            _write_at(writer, start, view[:size], size, None)
+        _write_at(writer, start, view[:size], size, None)
         start += size
 
 
@@ -462,32 +464,36 @@ def _raise_write_error(error: OSError, path: Path) -> NoReturn:
     raise error
 
 
-def _edited_tensors(
+@dataclass(frozen=True)
+class TensorEdit:
+    """One planned tensor of a shard: its byte range in the file and the edit that returns its new
+    bytes. An edit keeps dtype and shape, so the new bytes fill exactly the old range."""
+
+    name: str
+    begin: int
+    end: int
+    apply: Callable[[Tensor], Any]
+
+
+def _planned_edits(
     shard: Path,
-    reader: Any,
     resolved: ResolvedPlan,
     arch: Architecture,
     num_layers: int,
     hits: set[tuple[int, str]],
     edited_names: list[str],
-) -> dict[int, tuple[int, Callable[[], Any]]]:
-    """{first byte: (end byte, edit)} for each planned tensor of an open shard: `edit()` reads the tensor,
-    edits it and returns its new bytes. An edit keeps dtype and shape, so it fills the tensor's own byte
-    range: the header, shard metadata and every other tensor stay the source's bytes, and only one
-    edited tensor is in memory at a time (the copy calls the edits in file order)."""
-    spans = _tensor_spans(shard)
+) -> list[TensorEdit]:
+    """The shard's planned tensors in file order; applying one records it in `hits` and `edited_names`."""
 
-    def edit(name: str) -> Any:
-        edited, match = _edit_for(arch, name, reader.get_tensor(name), resolved, num_layers, "disk")
+    def apply(name: str, tensor: Tensor) -> Any:
+        edited, match = _edit_for(arch, name, tensor, resolved, num_layers, "disk")
         hits.add((match.layer, match.component) if match is not None else (-1, "embed"))
         edited_names.append(name)
         return edited.contiguous().reshape(-1).view(torch.uint8).numpy()
 
-    return {
-        spans[name][0]: (spans[name][1], partial(edit, name))
-        for name in reader.keys()
-        if _planned(arch, name, resolved, num_layers, "disk")
-    }
+    spans = _tensor_spans(shard)
+    planned = [name for name in spans if _planned(arch, name, resolved, num_layers, "disk")]
+    return sorted((TensorEdit(name, *spans[name], partial(apply, name)) for name in planned), key=lambda edit: edit.begin)
 
 
 def _write_edited_copy(
@@ -504,27 +510,51 @@ def _write_edited_copy(
 ) -> list[str]:
     """Copy every file of `copies` (shards, index, side files) into `out_dir`, hashing into `hashes` those
     not already there, with the planned tensors of each shard edited in its copy; write the model card.
-    Returns the names of the edited tensors."""
+    Returns the names of the edited tensors.
+
+    Three things run side by side. This thread copies every byte that is not an edited tensor
+    through the kernel; one worker reads, edits and writes the planned tensors, shard after shard,
+    into the same (pre-sized) files; another hashes each file whose sha256 is not known while this
+    thread copies it, reading the same pages while they are in the page cache, so a cold checkpoint
+    is read from disk once. The edits run ahead of the copy across files, so a checkpoint costs about
+    the longer of copy and edit, not their sum (bench/ablate.py).
+    """
     edited_names: list[str] = []
     hits: set[tuple[int, str]] = set()
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as error:
-        _raise_write_error(error, out_dir)
-    for path in tqdm(copies, desc="ablate: files", unit="file", disable=not progress):
+    files = []
+    for path in copies:
         relative = path.relative_to(source_dir).as_posix()
         target = out_dir / relative
-        if target.parent != out_dir:
-            try:
-                target.parent.mkdir(parents=True, exist_ok=True)
-            except OSError as error:
-                _raise_write_error(error, target.parent)
-        digest = None if relative in hashes else hashlib.sha256()
-        with safe_open(path, framework="pt") if relative in shards else nullcontext() as reader:
-            edits = _edited_tensors(path, reader, resolved, arch, num_layers, hits, edited_names) if reader else None
-            _copy_file(path, target, digest, edits)
-        if digest is not None:
-            hashes[relative] = digest.hexdigest()
+        edits = _planned_edits(path, resolved, arch, num_layers, hits, edited_names) if relative in shards else []
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            with open(target, "wb") as created:
+                created.truncate(path.stat().st_size)
+        except OSError as error:
+            _raise_write_error(error, target)
+        files.append((path, target, relative, edits))
+    total = sum(path.stat().st_size for path, *_ in files)
+    with (
+        ThreadPoolExecutor(1, thread_name_prefix="ablate-edit") as edit_worker,
+        ThreadPoolExecutor(1, thread_name_prefix="ablate-hash") as hasher,
+        tqdm(total=total, desc="ablate", unit="B", unit_scale=True, disable=not progress) as bar,
+    ):
+        stop = threading.Event()
+        edited_shards = [(path, target, edits) for path, target, _, edits in files if edits]
+        editing = edit_worker.submit(_write_edits, edited_shards, stop, bar)
+        try:
+            for path, target, relative, edits in files:
+                hashing = None if relative in hashes else hasher.submit(sha256_file, path)
+                _copy_gaps(path, target, edits, bar)
+                if hashing is not None:
+                    hashes[relative] = hashing.result()
+                if editing.done():
+                    editing.result()  # a failed edit stops the copy now, not after the last file
+            editing.result()
+        except BaseException:
+            stop.set()
+            wait([editing])
+            raise
     _check_coverage(resolved, hits, arch, "disk")
     card = out_dir / "README.md"
     try:
@@ -563,9 +593,9 @@ def edit_checkpoint(
     instead of the source's: unedited tensors, shard headers and metadata stay the source's bytes, and
     memory holds one tensor (as float32) at a time. The index and every non-weight file (config, tokenizer, chat
     template) are copied too, and a README.md model card, written last, records the plan.
-    `source_dir` is only ever read. The source's sha256 sums (for the manifest) are computed from
-    the bytes as they are copied, except for files named in `source_hashes` ({relative POSIX path:
-    sha256}, e.g. a model-store manifest that was just verified), whose hashes are taken as given.
+    `source_dir` is only ever read. The source's sha256 sums (for the manifest) are computed while
+    each file is copied, except for files named in `source_hashes` ({relative POSIX path: sha256},
+    e.g. a model-store manifest that was just verified), whose hashes are taken as given.
     On failure, what this call wrote is removed: nothing is left that looks like a finished model.
     Returns {"source", "source_files": {relative name: sha256}, "edited_tensors": [names]}.
     """

@@ -128,7 +128,7 @@ def disk_full(monkeypatch: pytest.MonkeyPatch) -> None:
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
     monkeypatch.setattr(os, "sendfile", no_space)  # the kernel copy of each file
-    monkeypatch.setattr(os, "pwrite", no_space)  # edited tensors, and copies that hash as they go
+    monkeypatch.setattr(os, "pwrite", no_space)  # the edited tensors
 
 
 def hub_offline(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -349,8 +349,8 @@ def test_read_only_output_dir(llama_source: Path, tmp_path: Path) -> None:
     "point",
     [
         "copy",  # the kernel copy of a shard (source hashes known, as from the model store)
-        "overwrite",  # an edited tensor written over its range of the copy
-        "hashed copy",  # the read-hash-write loop of a source without known hashes
+        "copy while hashing",  # the same, with the hash worker reading the source beside it
+        "edit",  # an edited tensor written at its range by the edit worker
     ],
 )
 @pytest.mark.parametrize("code", [errno.ENOSPC, errno.EACCES, errno.EROFS])
@@ -359,12 +359,12 @@ def test_write_failures_become_pipeline_errors(
 ) -> None:
     """Disk full, permission denied, read-only file system: the OS call that writes the shard fails, with
     no file name, as a full or read-only disk makes it. A failed overwrite would leave a valid-looking
-    shard with unedited weights: it is removed with everything else this call wrote."""
+    shard with unedited weights: it is removed with everything else this call wrote, whichever thread failed."""
     def failing(*_args: Any) -> int:
         raise OSError(code, os.strerror(code))
 
-    monkeypatch.setattr(os, "sendfile" if point == "copy" else "pwrite", failing)
-    known = sha256s(llama_source) if point != "hashed copy" else None
+    monkeypatch.setattr(os, "pwrite" if point == "edit" else "sendfile", failing)
+    known = sha256s(llama_source) if point != "copy while hashing" else None
     out = tmp_path / "out"
     with pytest.raises(PipelineError, match=os.strerror(code)) as raised:
         edit_checkpoint(llama_source, out, one_layer_plan(), torch.randn(3, HIDDEN), progress=False, source_hashes=known)
