@@ -418,35 +418,47 @@ def test_duplicate_plan_layer_is_refused(llama_source: Path, tmp_path: Path) -> 
 # --- the stage -----------------------------------------------------------------------------------
 
 
-def test_ablate_stage_edits_the_resolved_checkpoint(tmp_path: Path) -> None:
-    from pipeline.stage import StageContext
+def run_ablate_stage(tmp_path: Path, model_cfg: dict[str, Any], run_name: str) -> tuple[Any, dict[str, torch.Tensor]]:
+    """Run the ablate stage on `model_cfg` with a one-layer norm_preserving plan (layer 1) and random
+    measurements of a 3-layer, HIDDEN-wide model; returns (its context, the measured direction tables)."""
     from pipeline.plan import write_plan
+    from pipeline.stage import StageContext
     from pipeline.stages.ablate import STAGE
-    from pipeline.stages.measure import COPIED_METADATA, DIRECTION_TENSORS, STATISTIC_TENSORS, Measurements, write_measurements
+    from pipeline.stages.measure import (
+        COPIED_METADATA, DIRECTION_TENSORS, STATISTIC_TENSORS, Measurements, read_measurements, write_measurements,
+    )
 
-    arch = {k: v for k, v in {**BASE, **ROUTED}.items() if k not in ("vocab_size", "n_group", "topk_group")}
-    arch["model_type"] = "glm4_moe"
-    model_cfg = {"name": "tiny_stage", "source": "tiny", "id": "tiny-glm", "revision": None, "tiny": {"seed": 0}, "arch": arch}
-    measure_dir, select_dir, out_dir = tmp_path / "measure", tmp_path / "select", tmp_path / "out"
-    for directory in (measure_dir, select_dir, out_dir):
-        directory.mkdir()
-    generator = torch.Generator().manual_seed(10)
-    tensors = {name: torch.randn(3, HIDDEN, generator=generator) for name in DIRECTION_TENSORS}
-    tensors.update({name: torch.rand(3, generator=generator, dtype=torch.float64) for name in STATISTIC_TENSORS})
-    meta = {key: "x" for key in COPIED_METADATA} | {"hidden_size": str(HIDDEN), "num_layers": "3", "formula_version": "1"}
-    write_measurements(measure_dir / "measurements.safetensors", Measurements(meta=meta, tensors=tensors))
-    write_plan(select_dir / "ablation.yaml", {
-        "model": "tiny-glm", "model_fingerprint": "x", "hidden_size": HIDDEN, "num_layers": 3,
-        "source_measurement": "x", "mode": "balanced", "method": "norm_preserving", "direction_source": "own",
-        "thresholds": {"min_quality": 0.0, "top_n": 1, "relative_min": 0.0, "skip_first": 0.0, "skip_last": 0.0},
-        "layers": [{"layer": 1, "direction_from": 1, "scale": 1.0}],
-    })
+    measure_dir, select_dir, out_dir = tmp_path / "measure", tmp_path / "select", tmp_path / run_name
+    out_dir.mkdir()
+    if not measure_dir.exists():
+        measure_dir.mkdir()
+        select_dir.mkdir()
+        generator = torch.Generator().manual_seed(10)
+        tensors = {name: torch.randn(3, HIDDEN, generator=generator) for name in DIRECTION_TENSORS}
+        tensors.update({name: torch.rand(3, generator=generator, dtype=torch.float64) for name in STATISTIC_TENSORS})
+        meta = {key: "x" for key in COPIED_METADATA} | {"hidden_size": str(HIDDEN), "num_layers": "3", "formula_version": "1"}
+        write_measurements(measure_dir / "measurements.safetensors", Measurements(meta=meta, tensors=tensors))
+        write_plan(select_dir / "ablation.yaml", {
+            "model": "tiny", "model_fingerprint": "x", "hidden_size": HIDDEN, "num_layers": 3,
+            "source_measurement": "x", "mode": "balanced", "method": "norm_preserving", "direction_source": "own",
+            "thresholds": {"min_quality": 0.0, "top_n": 1, "relative_min": 0.0, "skip_first": 0.0, "skip_last": 0.0},
+            "layers": [{"layer": 1, "direction_from": 1, "scale": 1.0}],
+        })
     ctx = StageContext(
         config={"model": model_cfg, "ablate": {"embed": {"enabled": False}}},
         out_dir=out_dir, inputs={"select": select_dir, "measure": measure_dir},
         model_store=tmp_path / "store", seed=0, progress=False,
     )
     STAGE.run(ctx)
+    return ctx, read_measurements(measure_dir / "measurements.safetensors").tensors
+
+
+def test_ablate_stage_edits_the_resolved_checkpoint(tmp_path: Path) -> None:
+    arch = {k: v for k, v in {**BASE, **ROUTED}.items() if k not in ("vocab_size", "n_group", "topk_group")}
+    arch["model_type"] = "glm4_moe"
+    model_cfg = {"name": "tiny_stage", "source": "tiny", "id": "tiny-glm", "revision": None, "tiny": {"seed": 0}, "arch": arch}
+    ctx, tensors = run_ablate_stage(tmp_path, model_cfg, "out")
+    out_dir = ctx.out_dir
 
     source_dir = Path(ctx.manifest_extra["source"]["dir"])
     source_files = ctx.manifest_extra["source"]["files"]
@@ -460,3 +472,49 @@ def test_ablate_stage_edits_the_resolved_checkpoint(tmp_path: Path) -> None:
     assert torch.equal(edited["model.layers.2.self_attn.o_proj.weight"], source["model.layers.2.self_attn.o_proj.weight"])
     assert (out_dir / "model" / "tokenizer_config.json").is_file()
     AutoModelForCausalLM.from_pretrained(out_dir / "model")
+
+
+def test_local_source_hashes_are_remembered_until_a_file_changes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A local checkpoint is hashed on its first ablate; the next ablate (a sweep's next point) takes the
+    remembered sums, and a rewritten file, even with the same size, is hashed again."""
+    import pipeline.weight_edit
+
+    source_dir = save(tiny_model("llama"), tmp_path / "local-llama", sharded=True)
+    model_cfg = {"name": "local_llama", "source": "local", "id": str(source_dir), "revision": None}
+    hashed: list[str] = []
+    real_sha256 = pipeline.weight_edit.sha256_file
+    monkeypatch.setattr(pipeline.weight_edit, "sha256_file", lambda path: hashed.append(Path(path).name) or real_sha256(path))
+
+    first, _ = run_ablate_stage(tmp_path, model_cfg, "first")
+    truth = sha256s(source_dir)
+    assert first.manifest_extra["source"]["files"] == truth
+    assert sorted(hashed) == sorted(truth)  # every file once
+
+    hashed.clear()
+    second, _ = run_ablate_stage(tmp_path, model_cfg, "second")
+    assert hashed == []
+    assert second.manifest_extra["source"]["files"] == truth
+    assert sha256s(second.out_dir / "model") == sha256s(first.out_dir / "model")
+
+    template = source_dir / "chat_template.jinja"
+    template.write_text("{{ message }}s")  # same size, new bytes
+    third, _ = run_ablate_stage(tmp_path, model_cfg, "third")
+    assert hashed == ["chat_template.jinja"]
+    assert third.manifest_extra["source"]["files"] == sha256s(source_dir) != truth
+
+
+def test_a_source_rewritten_during_the_copy_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import pipeline.stages.ablate
+
+    source_dir = save(tiny_model("llama"), tmp_path / "local-llama", sharded=False)
+    model_cfg = {"name": "local_llama", "source": "local", "id": str(source_dir), "revision": None}
+    real_edit = pipeline.stages.ablate.edit_checkpoint
+
+    def edit_then_rewrite(*args: Any, **kwargs: Any) -> dict[str, Any]:
+        report = real_edit(*args, **kwargs)
+        (source_dir / "tokenizer_config.json").write_text('{"model_max_length": 256}')
+        return report
+
+    monkeypatch.setattr(pipeline.stages.ablate, "edit_checkpoint", edit_then_rewrite)
+    with pytest.raises(PipelineError, match="changed while it was read .tokenizer_config.json"):
+        run_ablate_stage(tmp_path, model_cfg, "out")

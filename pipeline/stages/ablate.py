@@ -8,7 +8,10 @@ The source's file hashes go into the manifest so the artifact says exactly
 which bytes it was derived from. A model materialized into the model store
 has just had every file verified against its own manifest by
 `models.resolve_model_dir`, so those hashes are passed on rather than
-computed a second time; any other source is hashed as it is copied.
+computed a second time. Any other source is hashed while it is copied, and
+its hashes are remembered against each file's stat identity
+(`pipeline.source_hashes`), so the next ablate of the same, unchanged files
+(the next sweep point) does not hash them again.
 """
 
 from __future__ import annotations
@@ -16,14 +19,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Mapping
 
-from pipeline import artifacts, models
+from pipeline import artifacts, models, source_hashes
 from pipeline.architectures import num_decoder_layers, text_config
 from pipeline.plan import check_measurement_matches, read_plan
 from pipeline.stage import Stage, StageContext
 from pipeline.stages.measure import read_measurements
 from pipeline.weight_edit import directions_for_method, edit_checkpoint
-
-"""Sources that `models.resolve_model_dir` materializes into the model store and verifies by manifest."""
 
 
 def run(ctx: StageContext) -> None:
@@ -39,6 +40,7 @@ def run(ctx: StageContext) -> None:
         num_layers=num_decoder_layers(config),
         source=str(measurement_path),
     )
+    stats = source_hashes.file_stats(source)
     report = edit_checkpoint(
         source,
         ctx.out_dir / "model",
@@ -46,19 +48,23 @@ def run(ctx: StageContext) -> None:
         directions_for_method(measurements.tensors, plan["method"]),
         progress=ctx.progress,
         embed=bool(ctx.config["ablate"]["embed"]["enabled"]),
-        source_hashes=verified_hashes(model_cfg, source),
+        source_hashes=known_hashes(model_cfg, source, ctx.model_store, stats),
     )
+    source_hashes.check_unchanged(source, stats, report["source_files"])
+    if model_cfg["source"] not in models.MATERIALIZED_SOURCES:
+        source_hashes.remember(ctx.model_store, source, stats, report["source_files"])
     ctx.manifest_extra["source"] = {"dir": report["source"], "files": report["source_files"]}
     ctx.manifest_extra["edited_tensors"] = len(report["edited_tensors"])
 
 
-def verified_hashes(model_cfg: Mapping[str, Any], source: Path) -> Mapping[str, str] | None:
-    """{file: sha256} of a model-store model, which `resolve_model_dir` has just verified against its
-    manifest; None for a local or hub directory, whose files no one has hashed yet."""
+def known_hashes(model_cfg: Mapping[str, Any], source: Path, model_store: Path, stats: source_hashes.Stats) -> Mapping[str, str]:
+    """{file: sha256} that need not be computed again: a model-store model's, which `resolve_model_dir`
+    has just verified against its manifest; for a local or hub directory, those remembered from an
+    earlier ablate of the same, unchanged files."""
     if model_cfg["source"] not in models.MATERIALIZED_SOURCES:
-        return None
+        return source_hashes.remembered(model_store, source, stats)
     manifest = artifacts.read_manifest(source)
-    return manifest["files"] if manifest else None
+    return manifest["files"] if manifest else {}
 
 
 # The whole `model` mapping is needed to resolve the checkpoint (a tiny or packaged model is
