@@ -8,13 +8,14 @@ shards, then, side by side on the same machine:
 * times `shutil.copyfile` of every file into a fresh directory, and `edit_checkpoint` with a
   plan over every decoder layer (random unit directions) into another, rotating which runs first
   and reporting medians; every source file is read once beforehand so all start from the same,
-  warm page cache. The edit runs twice over: as the ablate stage runs it for a model from the
-  model store (`edit-known`: the source's sha256 sums come from its verified manifest and are
-  passed in) and as for a local directory (`edit-hashed`: every source file is hashed while it is
-  copied). The edit runs in a child process and is timed inside it, around `edit_checkpoint` only
-  (interpreter start-up, imports and, for `edit-known`, the hashes handed in are not counted).
-  The time to hash the files alone is reported too. CPU seconds are printed next to wall
-  seconds: on a shared machine they move much less from run to run.
+  warm page cache. The edit runs twice over: with the source's sha256 sums known (`edit-known`:
+  as the ablate stage runs it for a model from the model store, whose verified manifest gives
+  them, and for a local or hub directory whose sums it remembers from an earlier ablate of the
+  same unchanged files) and unknown (`edit-hashed`: a local directory's first ablate, every file
+  hashed beside its copy). The edit runs in a child process and is timed inside it, around
+  `edit_checkpoint` only (interpreter start-up, imports and, for `edit-known`, the hashes handed
+  in are not counted). The time to hash the files alone is reported too. CPU seconds are printed
+  next to wall seconds: the edit spreads over threads, so its CPU seconds exceed its wall seconds.
 * reads the children's peak RSS (`getrusage(RUSAGE_CHILDREN)`) after a child that only imports
   torch and safetensors (the floor), and again after the edit children. The parent itself never
   loads a model: a child inherits its parent's peak RSS into ru_maxrss.
@@ -22,7 +23,8 @@ shards, then, side by side on the same machine:
     python bench/ablate.py --work /tmp/me/bench-ablate
 
 Last line: `ablate/copy=<ratio> rss/shard=<ratio>`, the ratio for `edit-known` (the default, packaged
-model's path); the line before gives `edit-hashed`. Targets: ablate/copy <= 1.5, and peak RSS
+model's path, and every ablate of a local source after its first); the line before gives
+`edit-hashed`. Targets: ablate/copy <= 1.5, and peak RSS
 <= 1.5 x largest shard + 1 GiB.
 """
 
@@ -113,8 +115,8 @@ def child_edit(source: Path, out_dir: Path, known: bool) -> None:
     """Edit every decoder layer of `source` into `out_dir`; print wall and CPU seconds as JSON.
 
     With `known`, the source's sha256 sums are computed first (untimed) and handed to
-    `edit_checkpoint`, as the ablate stage hands it a model-store manifest's; otherwise it hashes
-    every file as it copies it.
+    `edit_checkpoint`, as the ablate stage hands it a model-store manifest's or remembered sums;
+    otherwise it hashes every file beside its copy.
     """
     import torch
 
@@ -217,13 +219,13 @@ def main(argv: list[str] | None = None) -> None:
     copy_s = median(copies)
     budget = 1.5 * largest + GIB
     print(f"copy:        median {copy_s:.2f}s wall, {median(copies, 'cpu'):.2f}s CPU  (runs: {listed(copies)})")
-    print(f"ablate edit, hashes known (model store): median {median(known):.2f}s wall, {median(known, 'cpu'):.2f}s CPU  "
+    print(f"ablate edit, hashes known (model store, remembered): median {median(known):.2f}s wall, {median(known, 'cpu'):.2f}s CPU  "
           f"(runs: {listed(known)}; {known[0]['edited']} tensors edited)")
-    print(f"ablate edit, hashed while copied (local): median {median(hashed):.2f}s wall, {median(hashed, 'cpu'):.2f}s CPU  "
+    print(f"ablate edit, hashed beside the copy (local, first time): median {median(hashed):.2f}s wall, {median(hashed, 'cpu'):.2f}s CPU  "
           f"(runs: {listed(hashed)})")
     print(f"sha256 alone: median {median(hashes):.2f}s wall, {median(hashes, 'cpu'):.2f}s CPU  (runs: {listed(hashes)})")
     print(f"CPU ratios to copy: hashes known {median(known, 'cpu') / median(copies, 'cpu'):.2f}, "
-          f"hashed while copied {median(hashed, 'cpu') / median(copies, 'cpu'):.2f}")
+          f"hashed beside the copy {median(hashed, 'cpu') / median(copies, 'cpu'):.2f}")
     print(f"peak RSS: edit children {peak / MIB:.0f} MiB, bare `import torch, safetensors` child {floor / MIB:.0f} MiB; "
           f"budget 1.5 x largest shard + 1 GiB = {budget / MIB:.0f} MiB ({'within' if peak <= budget else 'OVER'})")
     print(f"ablate-hashed/copy={median(hashed) / copy_s:.2f}")
