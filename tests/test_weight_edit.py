@@ -372,6 +372,30 @@ def test_write_failures_become_pipeline_errors(
     assert not out.exists()
 
 
+def test_an_interrupted_copy_stops_its_workers_and_leaves_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ctrl-C during the kernel copy of the second shard: the edit and hash workers stop and are joined
+    before the partial output is removed, so no thread writes into a directory after it is gone."""
+    import threading
+
+    source = save(tiny_model("llama"), tmp_path / "sharded-llama", sharded=True)
+    calls = []
+    real_sendfile = os.sendfile
+
+    def interrupted(*args: Any) -> int:
+        calls.append(args)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real_sendfile(*args)
+
+    monkeypatch.setattr(os, "sendfile", interrupted)
+    out = tmp_path / "out"
+    plan = plan_for([{"layer": layer, "direction_from": layer, "scale": 1.0} for layer in range(3)])
+    with pytest.raises(KeyboardInterrupt):
+        edit_checkpoint(source, out, plan, torch.randn(3, HIDDEN), progress=False)
+    assert not out.exists()
+    assert not [thread.name for thread in threading.enumerate() if thread.name.startswith("ablate-")]
+
+
 def test_known_source_hashes_are_taken_and_output_is_the_same(llama_source: Path, tmp_path: Path) -> None:
     """Hashes passed in (a verified model-store manifest) are not recomputed; files without one are hashed
     as they are copied. Either way the output bytes are the same, and the edited tensor is exactly
