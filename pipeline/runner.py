@@ -259,10 +259,21 @@ class Runner:
                     model_store=self.model_store,
                     seed=int(self.cfg.run.seed),
                     progress=False,
+                    cache_keys=self._lineage(stage, key),
                 )
                 stage.run(context)
         distributed.barrier()
         return StageResult(key, final, decision == "cached", time.perf_counter() - started)
+
+    def _lineage(self, stage: Stage, key: str) -> dict[str, str]:
+        """{name: cache key} of `stage` and of every stage upstream of it (all already resolved)."""
+        keys, pending = {stage.name: key}, list(stage.needs)
+        while pending:
+            name = pending.pop()
+            if name not in keys:
+                keys[name] = self.results[name].key
+                pending.extend(self.registry[name].needs)
+        return keys
 
     def _usable(self, directory: Path, name: str) -> bool:
         if not directory.exists():
@@ -291,6 +302,7 @@ class Runner:
             model_store=self.model_store,
             seed=int(self.cfg.run.seed),
             progress=bool(self.cfg.run.progress),
+            cache_keys=self._lineage(stage, key),
         )
         log.info("%s: computing %s", stage.name, key)
         try:

@@ -27,6 +27,9 @@ class StageContext:
     """Where materialized models (packaged GGUF, tiny twins) live; see `pipeline.models`."""
     seed: int
     progress: bool = True
+    cache_keys: Mapping[str, str] = field(default_factory=dict)
+    """{stage name: cache key} of this stage and every stage it depends on, directly or not: the
+    provenance a stage may write into what it publishes (the ablate model card)."""
     manifest_extra: dict[str, Any] = field(default_factory=dict)
     """A stage may add JSON-serializable facts here (e.g. `source` hashes); the runner writes them into manifest.json."""
 

@@ -432,7 +432,9 @@ def _tensor_names(source_dir: Path, shards: list[str]) -> list[str]:
     return names
 
 
-def _model_card(plan: Mapping[str, Any], resolved: ResolvedPlan, source_dir: Path, arch: Architecture) -> str:
+def _model_card(
+    plan: Mapping[str, Any], resolved: ResolvedPlan, source_dir: Path, arch: Architecture, cache_keys: Mapping[str, str]
+) -> str:
     rows = "\n".join(
         f"| {entry['layer']} | {entry['direction_from']} | {layer.scales['attn']:g} | {layer.scales['mlp']:g} |"
         for entry in sorted(plan["layers"], key=lambda e: int(e["layer"]))
@@ -445,6 +447,8 @@ def _model_card(plan: Mapping[str, Any], resolved: ResolvedPlan, source_dir: Pat
         else "Token embeddings: unchanged.\n"
     )
     caveat = f"\nNote: {arch.note}.\n" if arch.note else ""
+    keys = "".join(f"- {stage}: `{key}`\n" for stage, key in sorted(cache_keys.items()))
+    provenance = f"\nPipeline cache keys (`<cache.dir>/<stage>/<key>/`):\n\n{keys}" if keys else ""
     return (
         f"---\nbase_model: {model}\ntags:\n- abliterated\n---\n\n"
         f"# {model} (abliterated)\n\n"
@@ -453,7 +457,7 @@ def _model_card(plan: Mapping[str, Any], resolved: ResolvedPlan, source_dir: Pat
         "from its attention output projection and its MLP down projections (all experts, shared experts "
         "and biases included).\n\n"
         "| layer | direction_from | attn scale | mlp scale |\n|---|---|---|---|\n"
-        f"{rows}\n\n{embed}{caveat}"
+        f"{rows}\n\n{embed}{caveat}{provenance}"
     )
 
 
@@ -507,6 +511,7 @@ def _write_edited_copy(
     arch: Architecture,
     num_layers: int,
     progress: bool,
+    cache_keys: Mapping[str, str],
 ) -> list[str]:
     """Copy every file of `copies` (shards, index, side files) into `out_dir`, hashing into `hashes` those
     not already there, with the planned tensors of each shard edited in its copy; write the model card.
@@ -558,7 +563,7 @@ def _write_edited_copy(
     _check_coverage(resolved, hits, arch, "disk")
     card = out_dir / "README.md"
     try:
-        card.write_text(_model_card(plan, resolved, source_dir, arch))
+        card.write_text(_model_card(plan, resolved, source_dir, arch, cache_keys))
     except OSError as error:
         _raise_write_error(error, card)
     return edited_names
@@ -586,13 +591,15 @@ def edit_checkpoint(
     progress: bool,
     embed: bool = False,
     source_hashes: Mapping[str, str] | None = None,
+    cache_keys: Mapping[str, str] | None = None,
 ) -> dict[str, Any]:
     """Write an edited copy of the safetensors checkpoint in `source_dir` to `out_dir`, file by file.
 
     Every file is copied in one pass, in which each planned tensor's byte range gets its edited bytes
     instead of the source's: unedited tensors, shard headers and metadata stay the source's bytes, and
     memory holds one tensor (as float32) at a time. The index and every non-weight file (config, tokenizer, chat
-    template) are copied too, and a README.md model card, written last, records the plan.
+    template) are copied too, and a README.md model card, written last, records the plan and the
+    pipeline's `cache_keys` ({stage: key}) that produced it.
     `source_dir` is only ever read. The source's sha256 sums (for the manifest) are computed while
     each file is copied, except for files named in `source_hashes` ({relative POSIX path: sha256},
     e.g. a model-store manifest that was just verified), whose hashes are taken as given.
@@ -618,7 +625,7 @@ def edit_checkpoint(
     try:
         with _one_core_left():
             edited_names = _write_edited_copy(
-                source_dir, out_dir, copies, shards, hashes, plan, resolved, arch, num_layers, progress
+                source_dir, out_dir, copies, shards, hashes, plan, resolved, arch, num_layers, progress, cache_keys or {}
             )
     except BaseException:
         _remove_partial_output(out_dir, existed, copies, source_dir)

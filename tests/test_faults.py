@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 import pytest
+import yaml
 
 from pipeline import artifacts
 from pipeline.models import resolve_model_dir
@@ -169,6 +170,22 @@ def test_a_flipped_byte_is_detected_and_the_stage_recomputed_to_the_same_bytes(s
     assert summary["stages"][stage]["cached"] is False
     assert [name for name, info in summary["stages"].items() if not info["cached"]] == [stage]
     assert artifacts.sha256_file(target) == expected, "recomputed bytes differ from the uncorrupted artifact"
+
+
+def test_the_model_card_names_the_source_the_plan_and_the_cache_keys(reference):  # noqa: F811
+    """The ablated model's README.md carries its provenance: the lineage of cache keys (ablate and every
+    stage it was derived from, not the unrelated baseline), the source and each planned layer."""
+    _cache, summary = reference
+    ablate_dir = Path(summary["stages"]["ablate"]["dir"])
+    card = (ablate_dir / "model" / "README.md").read_text()
+    for stage in ("collect", "measure", "select", "ablate"):
+        assert f"- {stage}: `{summary['stages'][stage]['key']}`" in card, stage
+    assert "baseline" not in card
+    assert f"read from `{artifacts.read_manifest(ablate_dir)['source']['dir']}`" in card
+    plan = yaml.safe_load((Path(summary["stages"]["select"]["dir"]) / "ablation.yaml").read_text())
+    assert f"Method: `{plan['method']}`" in card
+    for entry in plan["layers"]:
+        assert f"| {entry['layer']} | {entry['direction_from']} |" in card
 
 
 def test_the_source_model_is_never_written(tmp_path, reference, model_store):  # noqa: F811

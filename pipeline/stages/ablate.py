@@ -49,6 +49,7 @@ def run(ctx: StageContext) -> None:
         progress=ctx.progress,
         embed=bool(ctx.config["ablate"]["embed"]["enabled"]),
         source_hashes=known_hashes(model_cfg, source, ctx.model_store, stats),
+        cache_keys=ctx.cache_keys,
     )
     source_hashes.check_unchanged(source, stats, report["source_files"])
     if model_cfg["source"] not in models.MATERIALIZED_SOURCES:
@@ -69,4 +70,4 @@ def known_hashes(model_cfg: Mapping[str, Any], source: Path, model_store: Path, 
 
 # The whole `model` mapping is needed to resolve the checkpoint (a tiny or packaged model is
 # rebuilt from arch / gguf fields); the runner drops its placement keys (device_map, ...) from the key.
-STAGE = Stage(name="ablate", version="2", needs=("select", "measure"), config_keys=("model", "ablate"), run=run)
+STAGE = Stage(name="ablate", version="3", needs=("select", "measure"), config_keys=("model", "ablate"), run=run)
