@@ -38,12 +38,14 @@ def sha256_text(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
-def file_hashes(directory: Path) -> dict[str, str]:
-    """sha256 of every file under `directory` (relative POSIX paths), manifest excluded."""
+def file_hashes(directory: Path, known: Mapping[str, str] | None = None) -> dict[str, str]:
+    """sha256 of every file under `directory` (relative POSIX paths), manifest excluded; a file named
+    in `known` takes that hash instead of being read."""
     hashes = {}
     for path in sorted(directory.rglob("*")):
         if path.is_file() and path.name != MANIFEST:
-            hashes[path.relative_to(directory).as_posix()] = sha256_file(path)
+            relative = path.relative_to(directory).as_posix()
+            hashes[relative] = known[relative] if known and relative in known else sha256_file(path)
     return hashes
 
 
@@ -54,9 +56,10 @@ def write_json(path: Path, value: Any) -> None:
     os.replace(tmp, path)
 
 
-def write_manifest(directory: Path, fields: Mapping[str, Any]) -> dict[str, Any]:
-    """Hash the directory's files and write manifest.json (last, so it marks completion)."""
-    manifest = {**fields, "files": file_hashes(directory)}
+def write_manifest(directory: Path, fields: Mapping[str, Any], known: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """Hash the directory's files (those in `known` hashed already by their writer) and write
+    manifest.json (last, so it marks completion)."""
+    manifest = {**fields, "files": file_hashes(directory, known)}
     write_json(directory / MANIFEST, manifest)
     return manifest
 

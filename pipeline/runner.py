@@ -328,6 +328,7 @@ class Runner:
                     "seed": context.seed,
                     **context.manifest_extra,
                 },
+                known=context.written_hashes,
             )
             if final.exists():  # an invalid leftover (corrupt or forced): replace it
                 artifacts.remove_tree(final)

@@ -32,6 +32,10 @@ class StageContext:
     provenance a stage may write into what it publishes (the ablate model card)."""
     manifest_extra: dict[str, Any] = field(default_factory=dict)
     """A stage may add JSON-serializable facts here (e.g. `source` hashes); the runner writes them into manifest.json."""
+    written_hashes: dict[str, str] = field(default_factory=dict)
+    """{path relative to out_dir: sha256} of files the stage hashed itself once it had finished writing
+    them (ablate hashes a model's shards beside its copy); the manifest takes these instead of reading
+    the files again. A wrong one is caught as damage by the next `artifacts.verify`."""
 
 
 @dataclass(frozen=True)

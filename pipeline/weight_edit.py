@@ -25,7 +25,7 @@ import os
 import shutil
 import sys
 import threading
-from concurrent.futures import Executor, ThreadPoolExecutor, wait
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from contextlib import contextmanager, suppress
 from functools import partial
 from dataclasses import dataclass, field
@@ -55,6 +55,8 @@ WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf", ".ms
 QUANTIZED_SUFFIXES = ("_blocks", "_scales", "weight_scale_inv", ".qweight", ".scales")
 WRITE_ERRNOS = {errno.ENOSPC, errno.EACCES, errno.EROFS, errno.EDQUOT, errno.EPERM}
 COPY_BLOCK = 1 << 20
+HASH_WORKERS = max(1, min(8, (os.cpu_count() or 1) - 2))
+"""Threads hashing source and output files beside the copy (sha256 runs at ~1 GB/s per core)."""
 KERNEL_COPY = sys.platform == "linux"
 """Linux `sendfile` copies file to file inside the kernel; elsewhere it needs a socket, so we read and write."""
 
@@ -325,21 +327,27 @@ def _copy_gaps(source: Path, target: Path, edits: Sequence[TensorEdit], progress
             _raise_write_error(error, target)
 
 
-def _write_edits(shards: Sequence[tuple[Path, Path, Sequence[TensorEdit]]], stop: threading.Event, progress: tqdm) -> None:
-    """For each (source shard, target, planned tensors), in file order: read each tensor, edit it and
-    write its bytes at its offset of the target. Runs on the edit worker beside the copy of the
-    gaps; `stop` ends it early when the copy failed."""
-    for source, target, edits in shards:
-        with safe_open(source, framework="pt") as reader, open(target, "r+b", buffering=0) as writer:
-            for edit in edits:
-                if stop.is_set():
-                    return
-                new_bytes = memoryview(edit.apply(reader.get_tensor(edit.name))).cast("B")
-                try:
-                    _write_at(writer, edit.begin, new_bytes, edit.end - edit.begin, source)
-                except OSError as error:
-                    _raise_write_error(error, target)
-                progress.update(edit.end - edit.begin)
+def _write_edits(source: Path, target: Path, edits: Sequence[TensorEdit], stop: threading.Event, progress: tqdm) -> None:
+    """Read each planned tensor of the shard `source`, edit it and write its bytes at its offset of
+    `target`. Runs on the edit worker beside the copy of the gaps; `stop` ends it early when the
+    copy failed."""
+    with safe_open(source, framework="pt") as reader, open(target, "r+b", buffering=0) as writer:
+        for edit in edits:
+            if stop.is_set():
+                return
+            new_bytes = memoryview(edit.apply(reader.get_tensor(edit.name))).cast("B")
+            try:
+                _write_at(writer, edit.begin, new_bytes, edit.end - edit.begin, source)
+            except OSError as error:
+                _raise_write_error(error, target)
+            progress.update(edit.end - edit.begin)
+
+
+def _hash_when_written(editing: Future | None, target: Path) -> str:
+    """sha256 of `target` once its edits (if any) are written: the copy of its gaps is already done."""
+    if editing is not None:
+        editing.result()
+    return sha256_file(target)
 
 
 def _copy_range(reader: Any, writer: Any, start: int, end: int) -> None:
@@ -512,6 +520,7 @@ def _write_edited_copy(
     num_layers: int,
     progress: bool,
     cache_keys: Mapping[str, str],
+    output_hashes: dict[str, str] | None,
 ) -> list[str]:
     """Copy every file of `copies` (shards, index, side files) into `out_dir`, hashing into `hashes` those
     not already there, with the planned tensors of each shard edited in its copy; write the model card.
@@ -519,10 +528,11 @@ def _write_edited_copy(
 
     Three things run side by side. This thread copies every byte that is not an edited tensor
     through the kernel; one worker reads, edits and writes the planned tensors, shard after shard,
-    into the same (pre-sized) files; another hashes each file whose sha256 is not known while this
-    thread copies it, reading the same pages while they are in the page cache, so a cold checkpoint
-    is read from disk once. The edits run ahead of the copy across files, so a checkpoint costs about
-    the longer of copy and edit, not their sum (bench/ablate.py).
+    into the same (pre-sized) files; the hash workers hash each source file whose sha256 is not
+    known while this thread copies it (the same pages, while they are in the page cache, so a cold
+    checkpoint is read from disk once) and, with `output_hashes`, each written file once it is
+    complete. The edits run ahead of the copy across files, so a checkpoint costs about the longest
+    of copy, edit and hashing, not their sum (bench/ablate.py).
     """
     edited_names: list[str] = []
     hits: set[tuple[int, str]] = set()
@@ -539,26 +549,42 @@ def _write_edited_copy(
             _raise_write_error(error, target)
         files.append((path, target, relative, edits))
     total = sum(path.stat().st_size for path, *_ in files)
+    stop = threading.Event()
+    jobs: list[Future] = []
     with (
         ThreadPoolExecutor(1, thread_name_prefix="ablate-edit") as edit_worker,
-        ThreadPoolExecutor(1, thread_name_prefix="ablate-hash") as hasher,
+        ThreadPoolExecutor(HASH_WORKERS, thread_name_prefix="ablate-hash") as hasher,
         tqdm(total=total, desc="ablate", unit="B", unit_scale=True, disable=not progress) as bar,
     ):
-        stop = threading.Event()
-        edited_shards = [(path, target, edits) for path, target, _, edits in files if edits]
-        editing = edit_worker.submit(_write_edits, edited_shards, stop, bar)
         try:
+            editing = {
+                relative: edit_worker.submit(_write_edits, path, target, edits, stop, bar)
+                for path, target, relative, edits in files
+                if edits
+            }
+            jobs += editing.values()
+            source_hashes, written_hashes = {}, {}
             for path, target, relative, edits in files:
-                hashing = None if relative in hashes else hasher.submit(sha256_file, path)
+                if relative not in hashes:
+                    source_hashes[relative] = hasher.submit(sha256_file, path)
+                    jobs.append(source_hashes[relative])
                 _copy_gaps(path, target, edits, bar)
-                if hashing is not None:
-                    hashes[relative] = hashing.result()
-                if editing.done():
-                    editing.result()  # a failed edit stops the copy now, not after the last file
-            editing.result()
+                if output_hashes is not None:
+                    written_hashes[relative] = hasher.submit(_hash_when_written, editing.get(relative), target)
+                    jobs.append(written_hashes[relative])
+                failed = [job for job in jobs if job.done() and not job.cancelled() and job.exception() is not None]
+                if failed:
+                    failed[0].result()  # a failed edit or read stops the copy now, not after the last file
+            hashes.update({relative: job.result() for relative, job in source_hashes.items()})
+            for job in editing.values():
+                job.result()
+            if output_hashes is not None:
+                output_hashes.update({relative: job.result() for relative, job in written_hashes.items()})
         except BaseException:
             stop.set()
-            wait([editing])
+            for job in jobs:
+                job.cancel()
+            wait(jobs)
             raise
     _check_coverage(resolved, hits, arch, "disk")
     card = out_dir / "README.md"
@@ -566,6 +592,8 @@ def _write_edited_copy(
         card.write_text(_model_card(plan, resolved, source_dir, arch, cache_keys))
     except OSError as error:
         _raise_write_error(error, card)
+    if output_hashes is not None:
+        output_hashes[card.name] = sha256_file(card)
     return edited_names
 
 
@@ -592,6 +620,7 @@ def edit_checkpoint(
     embed: bool = False,
     source_hashes: Mapping[str, str] | None = None,
     cache_keys: Mapping[str, str] | None = None,
+    hash_output: bool = False,
 ) -> dict[str, Any]:
     """Write an edited copy of the safetensors checkpoint in `source_dir` to `out_dir`, file by file.
 
@@ -602,9 +631,12 @@ def edit_checkpoint(
     pipeline's `cache_keys` ({stage: key}) that produced it.
     `source_dir` is only ever read. The source's sha256 sums (for the manifest) are computed while
     each file is copied, except for files named in `source_hashes` ({relative POSIX path: sha256},
-    e.g. a model-store manifest that was just verified), whose hashes are taken as given.
+    e.g. a model-store manifest that was just verified), whose hashes are taken as given. With
+    `hash_output`, every file written is hashed too, each as soon as it is complete (while it is in
+    the page cache, beside the copy of the next), for a caller that records them in a manifest.
     On failure, what this call wrote is removed: nothing is left that looks like a finished model.
-    Returns {"source", "source_files": {relative name: sha256}, "edited_tensors": [names]}.
+    Returns {"source", "source_files": {relative name: sha256}, "edited_tensors": [names]}, and
+    "output_files": {relative name: sha256} with `hash_output`.
     """
     source_dir, out_dir = Path(source_dir).resolve(), Path(out_dir).resolve()
     if out_dir == source_dir or source_dir in out_dir.parents:
@@ -621,16 +653,21 @@ def edit_checkpoint(
     known = source_hashes or {}
     names = [path.relative_to(source_dir).as_posix() for path in copies]
     hashes = {name: known[name] for name in names if name in known}
+    output_hashes: dict[str, str] | None = {} if hash_output else None
     existed = out_dir.exists()
     try:
         with _one_core_left():
             edited_names = _write_edited_copy(
-                source_dir, out_dir, copies, shards, hashes, plan, resolved, arch, num_layers, progress, cache_keys or {}
+                source_dir, out_dir, copies, shards, hashes, plan, resolved, arch, num_layers, progress,
+                cache_keys or {}, output_hashes,
             )
     except BaseException:
         _remove_partial_output(out_dir, existed, copies, source_dir)
         raise
-    return {"source": str(source_dir), "source_files": dict(sorted(hashes.items())), "edited_tensors": sorted(edited_names)}
+    report = {"source": str(source_dir), "source_files": dict(sorted(hashes.items())), "edited_tensors": sorted(edited_names)}
+    if output_hashes is not None:
+        report["output_files"] = dict(sorted(output_hashes.items()))
+    return report
 
 
 def _remove_partial_output(out_dir: Path, existed: bool, copies: list[Path], source_dir: Path) -> None:

@@ -489,6 +489,8 @@ def test_ablate_stage_edits_the_resolved_checkpoint(tmp_path: Path) -> None:
     assert "model.safetensors" in source_files  # from the model store's verified manifest, not hashed again
     assert source_files == {name: hashlib.sha256((source_dir / name).read_bytes()).hexdigest() for name in source_files}
     assert ctx.manifest_extra["edited_tensors"] == 1 + 4 + 1  # o_proj, 4 experts, shared expert of layer 1
+    # Every file written was hashed by the stage, after it was complete: the manifest takes these as they are.
+    assert ctx.written_hashes == {f"model/{name}": digest for name, digest in sha256s(out_dir / "model").items()}
     edited, source = read_all(out_dir / "model"), read_all(source_dir)
     biprojected = direction_for(tensors["biprojected_direction"], 1)  # norm_preserving uses the biprojected table
     name = "model.layers.1.mlp.experts.2.down_proj.weight"
@@ -507,7 +509,13 @@ def test_local_source_hashes_are_remembered_until_a_file_changes(tmp_path: Path,
     model_cfg = {"name": "local_llama", "source": "local", "id": str(source_dir), "revision": None}
     hashed: list[str] = []
     real_sha256 = pipeline.weight_edit.sha256_file
-    monkeypatch.setattr(pipeline.weight_edit, "sha256_file", lambda path: hashed.append(Path(path).name) or real_sha256(path))
+
+    def counting_sha256(path: Path) -> str:
+        if Path(path).parent == source_dir:  # the stage also hashes what it writes, for its manifest
+            hashed.append(Path(path).name)
+        return real_sha256(path)
+
+    monkeypatch.setattr(pipeline.weight_edit, "sha256_file", counting_sha256)
 
     first, _ = run_ablate_stage(tmp_path, model_cfg, "first")
     truth = sha256s(source_dir)

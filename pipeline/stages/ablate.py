@@ -50,12 +50,14 @@ def run(ctx: StageContext) -> None:
         embed=bool(ctx.config["ablate"]["embed"]["enabled"]),
         source_hashes=known_hashes(model_cfg, source, ctx.model_store, stats),
         cache_keys=ctx.cache_keys,
+        hash_output=True,
     )
     source_hashes.check_unchanged(source, stats, report["source_files"])
     if model_cfg["source"] not in models.MATERIALIZED_SOURCES:
         source_hashes.remember(ctx.model_store, source, stats, report["source_files"])
     ctx.manifest_extra["source"] = {"dir": report["source"], "files": report["source_files"]}
     ctx.manifest_extra["edited_tensors"] = len(report["edited_tensors"])
+    ctx.written_hashes.update({f"model/{name}": digest for name, digest in report["output_files"].items()})
 
 
 def known_hashes(model_cfg: Mapping[str, Any], source: Path, model_store: Path, stats: source_hashes.Stats) -> Mapping[str, str]:
