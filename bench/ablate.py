@@ -1,31 +1,33 @@
-"""How fast and how lean is the ablate edit, measured against copying the same files?
+"""How fast and how lean is the ablate stage, measured against copying the same files?
 
 The ablate stage streams a checkpoint shard by shard (`pipeline.weight_edit.edit_checkpoint`):
 it should cost little more than copying the checkpoint, and hold about one shard in memory
 whatever the model's size. This bench re-saves the packaged 0.5B model into many ~100 MB
-shards, then, side by side on the same machine:
+shards, then, side by side on the same machine, rotating the order of the tasks in each round
+and reporting medians (every source file is read once beforehand, so all start from the same,
+warm page cache):
 
-* times `shutil.copyfile` of every file into a fresh directory, and `edit_checkpoint` with a
-  plan over every decoder layer (random unit directions) into another, rotating which runs first
-  and reporting medians; every source file is read once beforehand so all start from the same,
-  warm page cache. The edit runs twice over: with the source's sha256 sums known (`edit-known`:
-  as the ablate stage runs it for a model from the model store, whose verified manifest gives
-  them, and for a local or hub directory whose sums it remembers from an earlier ablate of the
-  same unchanged files) and unknown (`edit-hashed`: a local directory's first ablate, every file
-  hashed beside its copy). The edit runs in a child process and is timed inside it, around
-  `edit_checkpoint` only (interpreter start-up, imports and, for `edit-known`, the hashes handed
-  in are not counted). The time to hash the files alone is reported too. CPU seconds are printed
-  next to wall seconds: the edit spreads over threads, so its CPU seconds exceed its wall seconds.
-* reads the children's peak RSS (`getrusage(RUSAGE_CHILDREN)`) after a child that only imports
-  torch and safetensors (the floor), and again after the edit children. The parent itself never
-  loads a model: a child inherits its parent's peak RSS into ru_maxrss.
+* `copy`: `shutil.copyfile` of every file into a fresh directory (the issue's yardstick);
+* `copy+sha256`: the same, then the sha256 of every copied file: what any cached stage that
+  writes these bytes pays, since its manifest records their hashes;
+* `edit`: `edit_checkpoint` with a plan over every decoder layer (random unit directions), the
+  source's sha256 sums handed in, output not hashed: the edit itself;
+* `stage`: the same with `hash_output=True`, as the ablate stage runs it for a model from the model
+  store (whose verified manifest gives the source sums) or a local directory ablated before
+  (whose sums it remembers): the stage's whole work, manifest hashes included;
+* `stage-first`: `stage` with the source's sums unknown, as on a local directory's first ablate.
+
+The edit tasks run in a child process, timed inside it around `edit_checkpoint` only (interpreter
+start-up, imports and the hashes handed in are not counted). CPU seconds are printed next to wall
+seconds: the edit spreads over threads, so its CPU seconds exceed its wall seconds. Peak RSS is
+`ru_maxrss` of the children (`RUSAGE_CHILDREN`), after a child that only imports torch and
+safetensors (the floor), and again after the edit children; the parent never loads a model.
 
     python bench/ablate.py --work /tmp/me/bench-ablate
 
-Last line: `ablate/copy=<ratio> rss/shard=<ratio>`, the ratio for `edit-known` (the default, packaged
-model's path, and every ablate of a local source after its first); the line before gives
-`edit-hashed`. Targets: ablate/copy <= 1.5, and peak RSS
-<= 1.5 x largest shard + 1 GiB.
+Last line: `ablate/copy=<ratio> rss/shard=<ratio>`, the ratio for `stage` (the default, packaged
+model's path, and every ablate of a local source after its first). Targets: ablate/copy <= 1.5,
+and peak RSS <= 1.5 x largest shard + 1 GiB.
 """
 
 from __future__ import annotations
@@ -48,7 +50,8 @@ MODEL_GLOB = "qwen25_coder_05b-*"
 SEED = 0
 GIB = 1 << 30
 MIB = 1 << 20
-TASKS = ["copy", "edit-known", "edit-hashed"]
+TASKS = ["copy", "copy+sha256", "edit", "stage", "stage-first"]
+EDIT_FLAGS = {"edit": ["--known"], "stage": ["--known", "--hash-output"], "stage-first": ["--hash-output"]}
 
 
 def packaged_model(models_dir: Path) -> Path:
@@ -85,11 +88,17 @@ def warm_page_cache(files: list[Path]) -> None:
                 pass
 
 
-def timed_copy(files: list[Path], out_dir: Path) -> dict:
+def timed_copy(files: list[Path], out_dir: Path, hashed: bool) -> dict:
+    """Copy `files` into `out_dir` (then, with `hashed`, sha256 every copy); wall and CPU seconds."""
+    from pipeline.artifacts import sha256_file
+
     out_dir.mkdir(parents=True)
     wall, cpu = time.perf_counter(), time.process_time()
     for path in files:
         shutil.copyfile(path, out_dir / path.name)
+    if hashed:
+        for path in files:
+            sha256_file(out_dir / path.name)
     return {"seconds": time.perf_counter() - wall, "cpu": time.process_time() - cpu}
 
 
@@ -111,12 +120,12 @@ def child_reshard(source: Path, target: Path, shard_size: str) -> None:
     AutoModelForCausalLM.from_pretrained(source, dtype="auto").save_pretrained(target, max_shard_size=shard_size)
 
 
-def child_edit(source: Path, out_dir: Path, known: bool) -> None:
+def child_edit(source: Path, out_dir: Path, known: bool, hash_output: bool) -> None:
     """Edit every decoder layer of `source` into `out_dir`; print wall and CPU seconds as JSON.
 
     With `known`, the source's sha256 sums are computed first (untimed) and handed to
     `edit_checkpoint`, as the ablate stage hands it a model-store manifest's or remembered sums;
-    otherwise it hashes every file beside its copy.
+    otherwise it hashes every source file beside its copy. `hash_output` as the ablate stage does.
     """
     import torch
 
@@ -135,22 +144,14 @@ def child_edit(source: Path, out_dir: Path, known: bool) -> None:
     }
     source_hashes = artifacts.file_hashes(source) if known else None
     wall, cpu = time.perf_counter(), time.process_time()
-    report = edit_checkpoint(source, out_dir, plan, directions, progress=False, source_hashes=source_hashes)
+    report = edit_checkpoint(
+        source, out_dir, plan, directions, progress=False, source_hashes=source_hashes, hash_output=hash_output
+    )
     print(json.dumps({
         "seconds": time.perf_counter() - wall,
         "cpu": time.process_time() - cpu,
         "edited": len(report["edited_tensors"]),
     }))
-
-
-def child_hash(source: Path) -> None:
-    """sha256 of every checkpoint file (what a model-store manifest check costs), and nothing else."""
-    from pipeline.artifacts import sha256_file
-
-    wall, cpu = time.perf_counter(), time.process_time()
-    for path in checkpoint_files(source):
-        sha256_file(path)
-    print(json.dumps({"seconds": time.perf_counter() - wall, "cpu": time.process_time() - cpu}))
 
 
 # --- the bench ------------------------------------------------------------------------------------
@@ -177,13 +178,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=3, help="timed runs of each task, rotating their order")
     parser.add_argument("--child-edit", nargs=2, type=Path, metavar=("SOURCE", "OUT"), help=argparse.SUPPRESS)
     parser.add_argument("--known", action="store_true", help=argparse.SUPPRESS)
-    parser.add_argument("--child-hash", type=Path, metavar="SOURCE", help=argparse.SUPPRESS)
+    parser.add_argument("--hash-output", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--child-reshard", nargs=3, metavar=("SOURCE", "OUT", "SIZE"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child_edit:
-        return child_edit(*args.child_edit, known=args.known)
-    if args.child_hash:
-        return child_hash(args.child_hash)
+        return child_edit(*args.child_edit, known=args.known, hash_output=args.hash_output)
     if args.child_reshard:
         return child_reshard(Path(args.child_reshard[0]), Path(args.child_reshard[1]), args.child_reshard[2])
 
@@ -206,30 +205,25 @@ def main(argv: list[str] | None = None) -> None:
         for task in TASKS[repeat % len(TASKS) :] + TASKS[: repeat % len(TASKS)]:
             out_dir = args.work / f"out-{task}"
             shutil.rmtree(out_dir, ignore_errors=True)
-            if task == "copy":
-                runs[task].append(timed_copy(files, out_dir))
+            if task in EDIT_FLAGS:
+                runs[task].append(run_child("--child-edit", str(sharded), str(out_dir), *EDIT_FLAGS[task]))
             else:
-                flags = ["--known"] if task == "edit-known" else []
-                runs[task].append(run_child("--child-edit", str(sharded), str(out_dir), *flags))
+                runs[task].append(timed_copy(files, out_dir, hashed=task == "copy+sha256"))
             shutil.rmtree(out_dir)
-    copies, known, hashed = runs["copy"], runs["edit-known"], runs["edit-hashed"]
-    peak = children_peak_rss()  # before the hash-only children
-    hashes = [run_child("--child-hash", str(sharded)) for _ in range(args.repeats)]
+    peak = children_peak_rss()
 
-    copy_s = median(copies)
+    copy_s = median(runs["copy"])
+    print(f"{'task':<12} {'wall s':>7} {'CPU s':>6} {'/copy':>6}  runs (wall s)")
+    for task in TASKS:
+        print(f"{task:<12} {median(runs[task]):7.2f} {median(runs[task], 'cpu'):6.2f} "
+              f"{median(runs[task]) / copy_s:6.2f}  {listed(runs[task])}")
+    print(f"{runs['edit'][0]['edited']} tensors edited; stage/(copy+sha256) = "
+          f"{median(runs['stage']) / median(runs['copy+sha256']):.2f}")
     budget = 1.5 * largest + GIB
-    print(f"copy:        median {copy_s:.2f}s wall, {median(copies, 'cpu'):.2f}s CPU  (runs: {listed(copies)})")
-    print(f"ablate edit, hashes known (model store, remembered): median {median(known):.2f}s wall, {median(known, 'cpu'):.2f}s CPU  "
-          f"(runs: {listed(known)}; {known[0]['edited']} tensors edited)")
-    print(f"ablate edit, hashed beside the copy (local, first time): median {median(hashed):.2f}s wall, {median(hashed, 'cpu'):.2f}s CPU  "
-          f"(runs: {listed(hashed)})")
-    print(f"sha256 alone: median {median(hashes):.2f}s wall, {median(hashes, 'cpu'):.2f}s CPU  (runs: {listed(hashes)})")
-    print(f"CPU ratios to copy: hashes known {median(known, 'cpu') / median(copies, 'cpu'):.2f}, "
-          f"hashed beside the copy {median(hashed, 'cpu') / median(copies, 'cpu'):.2f}")
     print(f"peak RSS: edit children {peak / MIB:.0f} MiB, bare `import torch, safetensors` child {floor / MIB:.0f} MiB; "
           f"budget 1.5 x largest shard + 1 GiB = {budget / MIB:.0f} MiB ({'within' if peak <= budget else 'OVER'})")
-    print(f"ablate-hashed/copy={median(hashed) / copy_s:.2f}")
-    print(f"ablate/copy={median(known) / copy_s:.2f} rss/shard={peak / largest:.2f}")
+    print(f"edit/copy={median(runs['edit']) / copy_s:.2f} stage-first/copy={median(runs['stage-first']) / copy_s:.2f}")
+    print(f"ablate/copy={median(runs['stage']) / copy_s:.2f} rss/shard={peak / largest:.2f}")
 
 
 if __name__ == "__main__":

@@ -55,7 +55,7 @@ WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf", ".ms
 QUANTIZED_SUFFIXES = ("_blocks", "_scales", "weight_scale_inv", ".qweight", ".scales")
 WRITE_ERRNOS = {errno.ENOSPC, errno.EACCES, errno.EROFS, errno.EDQUOT, errno.EPERM}
 COPY_BLOCK = 1 << 20
-HASH_WORKERS = max(1, min(8, (os.cpu_count() or 1) - 2))
+HASH_WORKERS = max(2, min(8, (os.cpu_count() or 1) - 2))
 """Threads hashing source and output files beside the copy (sha256 runs at ~1 GB/s per core)."""
 KERNEL_COPY = sys.platform == "linux"
 """Linux `sendfile` copies file to file inside the kernel; elsewhere it needs a socket, so we read and write."""
