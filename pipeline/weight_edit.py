@@ -598,13 +598,14 @@ def _write_edited_copy(
 
 
 @contextmanager
-def _one_core_left() -> Iterator[None]:
-    """Run torch with one thread fewer. The rank-1 edits are many short, memory-bound parallel loops whose
-    OpenMP workers spin between loops; with every core busy, a descheduled worker stalls each loop:
-    measured on the shared 2-core machine (load ~7), 2 threads took 3.3 s wall / 2.0 s CPU for the bench
-    edit against 1.8 s / 1.1 s for 1 thread."""
+def _edit_threads() -> Iterator[None]:
+    """Run torch with the cores the copy and the hash workers leave free (at least one thread). The
+    rank-1 edits are many short, memory-bound parallel loops whose OpenMP workers spin between loops;
+    when every core is busy, a descheduled worker stalls each loop: measured on the shared 2-core
+    machine (load ~7), 2 threads took 3.3 s wall / 2.0 s CPU for the bench edit against 1.8 s / 1.1 s
+    for 1 thread."""
     threads = torch.get_num_threads()
-    torch.set_num_threads(max(1, threads - 1))
+    torch.set_num_threads(max(1, threads - 1 - HASH_WORKERS))
     try:
         yield
     finally:
@@ -656,7 +657,7 @@ def edit_checkpoint(
     output_hashes: dict[str, str] | None = {} if hash_output else None
     existed = out_dir.exists()
     try:
-        with _one_core_left():
+        with _edit_threads():
             edited_names = _write_edited_copy(
                 source_dir, out_dir, copies, shards, hashes, plan, resolved, arch, num_layers, progress,
                 cache_keys or {}, output_hashes,
