@@ -398,7 +398,7 @@ def test_an_interrupted_copy_stops_its_workers_and_leaves_nothing(tmp_path: Path
 
 def test_known_source_hashes_are_taken_and_output_is_the_same(llama_source: Path, tmp_path: Path) -> None:
     """Hashes passed in (a verified model-store manifest) are not recomputed; files without one are hashed
-    as they are copied. Either way the output bytes are the same, and the edited tensor is exactly
+    beside their copy. Either way the output bytes are the same, and the edited tensor is exactly
     `orthogonalize` of the source tensor: same bytes, in the source's byte range, header untouched."""
     directions = torch.randn(3, HIDDEN, generator=torch.Generator().manual_seed(11))
     hashed = edit_checkpoint(llama_source, tmp_path / "hashed", one_layer_plan(), directions, progress=False)
