@@ -38,7 +38,7 @@ from pipeline.models import load_model
 from pipeline.prompt_sets import prompt_splits
 from pipeline.stages.collect import collect_class
 
-CONF = Path(pipeline.__file__).resolve().parent / "conf"
+CONF = Path(pipeline.__file__).resolve().parents[1] / "conf"
 
 
 def main() -> None:

@@ -67,7 +67,7 @@ def run_pipeline(cfg: DictConfig, output_dir: Path | None = None) -> dict:
     return summary
 
 
-@hydra.main(version_base=None, config_path="conf", config_name="config")
+@hydra.main(version_base=None, config_path="pkg://pipeline.conf", config_name="config")
 def main(cfg: DictConfig) -> None:
     hydra_cfg = HydraConfig.get()
     try:

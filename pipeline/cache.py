@@ -16,7 +16,6 @@ import argparse
 import re
 import sys
 from dataclasses import dataclass, field
-from importlib.resources import files
 from pathlib import Path
 from typing import Sequence
 
@@ -25,7 +24,7 @@ from omegaconf import OmegaConf
 
 from pipeline import artifacts
 from pipeline.errors import PipelineError
-from pipeline.paths import user_path
+from pipeline.paths import package_file, user_path
 from pipeline.runner import TEMPORARY_PATTERN, lock_path
 
 MODEL_TEMPORARY_PATTERN = re.compile(r"\.tmp-(?P<name>.+)-\d+")
@@ -50,7 +49,7 @@ class Collected:
 
 def default_dirs(cache_dir: str | None, models_dir: str | None) -> tuple[Path, Path]:
     """(cache dir, model store) as `python -m pipeline` would resolve them from conf/config.yaml."""
-    config = OmegaConf.load(str(files("pipeline").joinpath("conf/config.yaml")))
+    config = OmegaConf.load(str(package_file("conf/config.yaml")))
     if cache_dir is not None:
         config.cache.dir = cache_dir
     if models_dir is not None:

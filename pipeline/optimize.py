@@ -574,7 +574,7 @@ def summarize(
     }
 
 
-@hydra.main(version_base=None, config_path="conf", config_name="config")
+@hydra.main(version_base=None, config_path="pkg://pipeline.conf", config_name="config")
 def main(cfg: DictConfig) -> None:
     try:
         run_optimize(cfg, Path(HydraConfig.get().runtime.output_dir))

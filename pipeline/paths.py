@@ -1,8 +1,10 @@
-"""Paths the user types are relative to the directory the command was started from."""
+"""Where paths point: a user's paths are relative to the launch directory; shipped files live in subpackages."""
 
 from __future__ import annotations
 
 import os
+from importlib.resources import files
+from importlib.resources.abc import Traversable
 from pathlib import Path
 
 
@@ -18,3 +20,13 @@ def user_path(value: str | os.PathLike) -> Path:
     except ValueError:  # Hydra not initialised: tests and library use
         base = Path.cwd()
     return base / path
+
+
+def package_file(relative: str) -> Traversable:
+    """A file shipped with the package, named from its top folder: `prompts/harmful.txt`, `conf/config.yaml`.
+
+    The repository keeps `conf/` and `prompts/` at its root; installed, they are the subpackages
+    `pipeline.conf` and `pipeline.prompts` (pyproject.toml maps them), so both layouts resolve the same.
+    """
+    folder, _, rest = relative.partition("/")
+    return files(f"pipeline.{folder}").joinpath(rest)

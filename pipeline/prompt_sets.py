@@ -18,7 +18,6 @@ import os
 import random
 import re
 from dataclasses import dataclass
-from importlib.resources import files
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -26,6 +25,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.utils import to_absolute_path
 
 from pipeline.errors import PipelineError
+from pipeline.paths import package_file
 
 PKG_PREFIX = "pkg:"
 HF_PREFIX = "hf:"
@@ -160,7 +160,7 @@ def _deduplicate(texts: Sequence[str]) -> tuple[str, ...]:
 def _read_source_bytes(source: str) -> tuple[str, bytes]:
     """Resolve a pkg: or path source and read it; returns (label for messages, bytes)."""
     if source.startswith(PKG_PREFIX):
-        label, resource = source, files("pipeline").joinpath(source[len(PKG_PREFIX):])
+        label, resource = source, package_file(source[len(PKG_PREFIX):])
     else:
         path = Path(source).expanduser()
         if not path.is_absolute():

@@ -1,8 +1,8 @@
 """Regenerate committed ablation plans and check that they are up to date.
 
-    python -m pipeline.regen [--check] [--configs DIR]
+    python -m pipeline.regen [--check] --plans DIR
 
-Every folder under DIR (default `configs/`) that holds a `select.yaml` (the
+Every folder under DIR (this repository keeps its committed plans in `tests/plans/`) that holds a `select.yaml` (the
 mode and select settings, `{mode: {name, min_quality, top_n}, select: {...}}`)
 beside a `measurements.safetensors` gets its `ablation.yaml` recomputed with
 the select stage's own functions. Without `--check` out-of-date plans are
@@ -67,13 +67,13 @@ def regenerated_plan_text(settings_file: Path) -> str:
     return plan_to_text(build_plan(measurements, settings, source_measurement=measurement_file.parent.name))
 
 
-def regenerate(configs: Path, check: bool) -> int:
-    """Check or rewrite every plan under `configs`; returns the exit status (0 up to date, 1 out of date)."""
-    if not configs.is_dir():
-        raise PipelineError(f"configs folder {configs} does not exist; pass --configs DIR")
-    settings_files = sorted(configs.rglob(SETTINGS_FILE))
+def regenerate(plans: Path, check: bool) -> int:
+    """Check or rewrite every plan under `plans`; returns the exit status (0 up to date, 1 out of date)."""
+    if not plans.is_dir():
+        raise PipelineError(f"plans folder {plans} does not exist; pass --plans DIR")
+    settings_files = sorted(plans.rglob(SETTINGS_FILE))
     if not settings_files:
-        raise PipelineError(f"no {SETTINGS_FILE} under {configs}; nothing to regenerate (wrong --configs?)")
+        raise PipelineError(f"no {SETTINGS_FILE} under {plans}; nothing to regenerate (wrong --plans?)")
     out_of_date = 0
     for settings_file in settings_files:
         plan_file = settings_file.parent / PLAN_FILE
@@ -110,10 +110,10 @@ def regenerate(configs: Path, check: bool) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m pipeline.regen", description=__doc__.splitlines()[0])
     parser.add_argument("--check", action="store_true", help="do not write; exit 1 with a diff when a plan is stale")
-    parser.add_argument("--configs", type=Path, default=Path("configs"), help="folder to search (default: configs)")
+    parser.add_argument("--plans", type=Path, required=True, help="folder of committed plans to search (here: tests/plans)")
     args = parser.parse_args(argv)
     try:
-        return regenerate(args.configs, check=args.check)
+        return regenerate(args.plans, check=args.check)
     except PipelineError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -154,7 +154,7 @@ PRESET_KINDS = {
 
 @pytest.mark.parametrize(("preset", "moe"), PRESET_KINDS.items())
 def test_presets_name_a_supported_family(preset: str, moe: bool) -> None:
-    text = (Path(__file__).parents[1] / "pipeline" / "conf" / "model" / f"{preset}.yaml").read_text()
+    text = (Path(__file__).parents[1] / "conf" / "model" / f"{preset}.yaml").read_text()
     config = yaml.safe_load(text)
     assert config["name"] == preset and config["source"] == "hub"
     get_architecture(config["arch"]["model_type"])

@@ -289,16 +289,16 @@ REGEN_ROWS = {
 @pytest.mark.parametrize("name", list(REGEN_ROWS))
 def test_bad_input_regen(name, tmp_path, reference, capsys):  # noqa: F811
     build, says = REGEN_ROWS[name]
-    folder = tmp_path / "configs" / "borrowed"
+    folder = tmp_path / "plans" / "borrowed"
     settings_file(folder)
     build(folder, Path(reference[1]["stages"]["select"]["dir"]) / "ablation.yaml")
-    before = snapshot(tmp_path / "configs")
+    before = snapshot(tmp_path / "plans")
 
-    status = regen_main(["--configs", str(tmp_path / "configs")])
+    status = regen_main(["--plans", str(tmp_path / "plans")])
 
     line = one_line_error(status, capsys.readouterr().err)
     assert says in line
-    assert snapshot(tmp_path / "configs") == before
+    assert snapshot(tmp_path / "plans") == before
 
 
 # --- the real command line maps both error kinds to one line and status 2 --------------------------

@@ -24,7 +24,7 @@ from hydra import compose, initialize_config_dir
 
 import pipeline
 
-CONF = Path(pipeline.__file__).resolve().parent / "conf"
+CONF = Path(pipeline.__file__).resolve().parents[1] / "conf"
 MODEL_STORE_ENV = "ABLITERATE_TEST_MODEL_STORE"
 REFUSAL_BEFORE_MIN = 0.40  # the model must refuse to begin with, or "after" proves nothing
 REFUSAL_AFTER_MAX = 0.10

@@ -22,7 +22,7 @@ from pipeline.runner import Runner, execution_order
 from pipeline.stages import registry
 from pipeline.stages.measure import Measurements
 
-CONF = Path(__file__).resolve().parents[1] / "pipeline" / "conf"
+CONF = Path(__file__).resolve().parents[1] / "conf"
 # Single bytes the tiny model's random completions sometimes contain, so refusal counts are not all zero.
 SMALL = [
     "model=tiny",

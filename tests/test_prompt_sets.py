@@ -20,7 +20,7 @@ from pipeline.prompt_sets import (
     split_prompts,
 )
 
-CONF_DIR = Path(__file__).resolve().parents[1] / "pipeline" / "conf" / "prompts"
+CONF_DIR = Path(__file__).resolve().parents[1] / "conf" / "prompts"
 SHIPPED = {
     "harmful": {"source": "pkg:prompts/harmful.txt", "field": None, "split": None},
     "harmless": {"source": "pkg:prompts/harmless.txt", "field": None, "split": None},
@@ -51,7 +51,7 @@ def test_shipped_sets_are_large_enough(shipped):
 
 
 def test_shipped_files_have_no_duplicates_within_or_across(shipped):
-    package = Path(__file__).resolve().parents[1] / "pipeline" / "prompts"
+    package = Path(__file__).resolve().parents[1] / "prompts"
     normalized = {}
     for side in SHIPPED:
         lines = (package / f"{side}.txt").read_text(encoding="utf-8").splitlines()
@@ -69,7 +69,7 @@ def test_shipped_sets_match_in_length(shipped):
 
 
 def test_shipped_hash_is_the_file_hash(shipped):
-    package = Path(__file__).resolve().parents[1] / "pipeline" / "prompts"
+    package = Path(__file__).resolve().parents[1] / "prompts"
     assert shipped["harmful"].sha256 == hashlib.sha256((package / "harmful.txt").read_bytes()).hexdigest()
 
 

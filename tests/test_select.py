@@ -24,7 +24,7 @@ from pipeline.stages.select import (
     settings_from_config,
 )
 
-MODE_DIR = Path(__file__).resolve().parents[1] / "pipeline" / "conf" / "mode"
+MODE_DIR = Path(__file__).resolve().parents[1] / "conf" / "mode"
 
 # The design note's worked example (GLM-4.5-Air, 46 layers): 0-14 below 0.012, 15-20 at 0.0185-0.0431, rest below.
 GLM_PEAK = {15: 0.0185, 16: 0.0262, 17: 0.0431, 18: 0.0397, 19: 0.0314, 20: 0.0220}

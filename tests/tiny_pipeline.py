@@ -25,7 +25,7 @@ from pipeline.__main__ import cli, run_pipeline
 from pipeline.runner import FAULT_ENV
 
 ROOT = Path(pipeline.__file__).resolve().parents[1]
-CONF = ROOT / "pipeline" / "conf"
+CONF = ROOT / "conf"
 SMALL = (
     "model=tiny",
     "mode.min_quality=0",
@@ -58,13 +58,10 @@ def run_in_process(overrides: Sequence[str], output_dir: Path | None = None) -> 
 def run_cli(args: Sequence[str], capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch) -> tuple[int, str]:
     """(exit status, stderr) of `python -m pipeline <args>`, run in this process through the real entry point.
 
-    HYDRA_MAIN_MODULE=__main__ makes Hydra find conf/ next to pipeline/__main__.py, as under `python -m`
-    (imported, the module is `pipeline.__main__` and Hydra would look for a `pipeline.conf` package).
     Hydra reconfigures the root logger for each job; its handlers are put back afterwards so later tests do
     not log into a closed capture stream.
     """
     monkeypatch.setattr(sys, "argv", ["pipeline", *args])
-    monkeypatch.setenv("HYDRA_MAIN_MODULE", "__main__")
     monkeypatch.delenv("HYDRA_FULL_ERROR", raising=False)
     root = logging.getLogger()
     handlers, level = root.handlers[:], root.level

@@ -1,6 +1,6 @@
 """Write this folder's synthetic `measurements.safetensors` (24 layers, hidden 64, dense).
 
-    python configs/example_dense/make_measurement.py     # from the repository root
+    python tests/plans/example_dense/make_measurement.py     # from the repository root
 
 It fabricates seeded activations in which the harmful class carries a planted
 unit direction whose strength peaks in the middle of the stack, and measures

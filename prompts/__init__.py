@@ -1,0 +1,1 @@
+"""The shipped prompt sets, shipped inside the wheel as `pipeline.prompts` (`pkg:prompts/<file>` in a prompts preset)."""
