@@ -1,6 +1,6 @@
 """How fast and how lean is the ablate stage, measured against copying the same files?
 
-The ablate stage streams a checkpoint shard by shard (`pipeline.weight_edit.edit_checkpoint`):
+The ablate stage streams a checkpoint shard by shard (`pipeline.checkpoint_copy.edit_checkpoint`):
 it should cost little more than copying the checkpoint, and hold about one shard in memory
 whatever the model's size. This bench re-saves the packaged 0.5B model into many ~100 MB
 shards, then, side by side on the same machine, rotating the order of the tasks in each round
@@ -133,7 +133,7 @@ def child_edit(source: Path, out_dir: Path, known: bool, hash_output: bool) -> N
 
     from pipeline import artifacts
     from pipeline.architectures import num_decoder_layers, text_config
-    from pipeline.weight_edit import edit_checkpoint
+    from pipeline.checkpoint_copy import edit_checkpoint
 
     config = json.loads((source / "config.json").read_text())
     num_layers, hidden = num_decoder_layers(config), int(text_config(config)["hidden_size"])

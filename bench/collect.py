@@ -5,7 +5,7 @@
 All three read the same prompts of the shipped training split (half harmful, half harmless) with the
 packaged model (`model=qwen25_coder_05b`) in the compute dtype collect uses:
 
-- collect: `pipeline.stages.collect.collect_class`, what the stage runs per class (templating,
+- collect: `pipeline.collection.collect_class`, what the stage runs per class (templating,
   tokenization, length-sorted left-padded batches, hooks on every decoder layer, CPU copies, prompt order);
 - bare: the base model's forward alone on the same batches, pre-tokenized: the floor collect can reach;
 - naive: what peers write: the full model (lm_head and logits over every position, default KV cache)
@@ -36,7 +36,7 @@ import pipeline
 from pipeline.activations import left_padded_batch, length_sorted_batches, prompt_tokens
 from pipeline.models import load_model
 from pipeline.prompt_sets import prompt_splits
-from pipeline.stages.collect import collect_class
+from pipeline.collection import collect_class
 
 CONF = Path(pipeline.__file__).resolve().parents[1] / "conf"
 

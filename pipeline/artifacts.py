@@ -38,6 +38,15 @@ def sha256_text(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
+KEY_LENGTH = 16
+"""Hex digits of a cache key: 64 bits, enough that two different payloads never meet in one cache."""
+
+
+def content_key(payload: Any) -> str:
+    """The cache key of a JSON-able payload: the start of the sha256 of its canonical JSON."""
+    return sha256_text(canonical_json(payload))[:KEY_LENGTH]
+
+
 def file_hashes(directory: Path, known: Mapping[str, str] | None = None) -> dict[str, str]:
     """sha256 of every file under `directory` (relative POSIX paths), manifest excluded; a file named
     in `known` takes that hash instead of being read."""
@@ -91,9 +100,11 @@ def verify(directory: Path) -> tuple[bool, str]:
     modification time changed since. A new process always hashes again.
     """
     manifest = read_manifest(directory)
-    if manifest is None or not isinstance(manifest.get("files"), dict):
-        return False, "no valid manifest.json"
+    if manifest is None or not isinstance(manifest.get("files"), dict) or not manifest["files"]:
+        return False, "no valid manifest.json listing the artifact's files"
     files = manifest["files"]
+    if any(Path(name).is_absolute() or ".." in Path(name).parts for name in files):
+        return False, "manifest.json names a file outside the artifact"
     missing = [name for name in files if not (directory / name).is_file()]
     if missing:
         return False, f"{missing[0]} is missing"
@@ -108,12 +119,22 @@ def verify(directory: Path) -> tuple[bool, str]:
 
 
 def remove_tree(path: Path) -> None:
-    """Remove a directory we own, even when a killed writer left read-only folders in it."""
+    """Remove a directory we own, even when a killed writer left read-only folders in it.
+
+    Nothing is followed through a symbolic link: a link (to `/`, say) is removed as a link, and only
+    real directories inside the tree are made writable before the tree is deleted.
+    """
+    if path.is_symlink():
+        path.unlink()
+        return
     if not path.exists():
         return
-    for folder in [path, *path.rglob("*")]:
-        if folder.is_dir() and not folder.is_symlink():
-            os.chmod(folder, 0o700)
+    os.chmod(path, 0o700)
+    for root, folders, _ in os.walk(path):
+        for folder in folders:
+            inner = os.path.join(root, folder)
+            if not os.path.islink(inner):
+                os.chmod(inner, 0o700)
     shutil.rmtree(path)
 
 

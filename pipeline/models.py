@@ -21,18 +21,16 @@ from __future__ import annotations
 
 import importlib
 import json
-import os
 from pathlib import Path
 from typing import Any, Mapping
 
-from filelock import FileLock
-
-from pipeline import artifacts
+from pipeline import artifacts, source_hashes
 from pipeline.errors import PipelineError
+from pipeline.store import ArtifactStore
 
 MATERIALIZED_SOURCES = ("packaged", "gguf", "tiny")
 """Sources that become a directory in the model store, with a manifest of verified file hashes."""
-WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".h5", ".msgpack")
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf", ".msgpack", ".h5", ".npz")
 CHATML_TEMPLATE = (
     "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
     "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
@@ -90,6 +88,12 @@ def _checked_checkpoint(model_dir: Path) -> Path:
         raise PipelineError(f"{model_dir}/config.json is not readable JSON ({error}); fix or re-download it") from None
     get_architecture(model_type)
     weights = [path.name for path in model_dir.iterdir() if path.name.endswith(WEIGHT_SUFFIXES)]
+    others = sorted(name for name in weights if not name.endswith(".safetensors"))
+    if others and len(others) < len(weights):
+        raise PipelineError(
+            f"{model_dir} mixes safetensors with other weight files ({', '.join(others[:3])}); we load safetensors only "
+            "and never unpickle, and a mixed folder is ambiguous: move the other files out"
+        )
     if not any(name.endswith(".safetensors") for name in weights):
         found = f"only {', '.join(sorted(weights))}" if weights else "no weight files"
         if any(name.endswith(".gguf") for name in weights):
@@ -101,20 +105,17 @@ def _checked_checkpoint(model_dir: Path) -> Path:
     return model_dir
 
 
-def model_fingerprint(model_dir: Path) -> str:
-    """A cheap identity of a checkpoint: config, weight index and weight file names and sizes.
+def model_fingerprint(model_dir: Path, model_store: Path) -> str:
+    """The identity of a checkpoint's contents: the sha256 of every file in it.
 
-    Hashing every byte of a 220 GB checkpoint on each run is not affordable; the
-    config and index plus file sizes change whenever the weights are re-exported.
+    A model-store entry's hashes are its manifest's, verified when it was resolved. A local or hub
+    directory is hashed once and its hashes remembered by each file's stat identity
+    (`pipeline.source_hashes`), so a checkpoint rewritten in place is a new model to the cache
+    while an unchanged one costs a `stat` per file.
     """
-    parts = {}
-    for name in ("config.json", "model.safetensors.index.json"):
-        if (model_dir / name).is_file():
-            parts[name] = artifacts.sha256_file(model_dir / name)
-    parts["weights"] = sorted(
-        (p.name, p.stat().st_size) for p in model_dir.iterdir() if p.suffix == ".safetensors"
-    )
-    return artifacts.sha256_text(artifacts.canonical_json(parts))
+    manifest = artifacts.read_manifest(model_dir) if Path(model_dir).parent.resolve() == Path(model_store).resolve() else None
+    files = manifest["files"] if manifest else source_hashes.directory_hashes(model_store, model_dir)
+    return artifacts.sha256_text(artifacts.canonical_json(files))
 
 
 def read_model_config(model_dir: Path) -> dict[str, Any]:
@@ -127,7 +128,7 @@ def check_supported(model_dir: Path, model_cfg: Mapping[str, Any]) -> dict[str, 
 
     config = read_model_config(model_dir)
     get_architecture(config.get("model_type", "?"))
-    for key, expected in dict(model_cfg.get("arch") or {}).items():
+    for key, expected in dict(model_cfg.get("arch") or {}).items():  # composed configs always have arch; hand-built ones may not
         actual = config.get(key) if key == "model_type" else _text_config(config).get(key, config.get(key))
         if actual is not None and actual != expected:
             raise PipelineError(
@@ -144,15 +145,16 @@ def load_model(model_cfg: Mapping[str, Any], model_store: Path, dtype: str | Non
 
     model_dir = resolve_model_dir(model_cfg, model_store, progress)
     check_supported(model_dir, model_cfg)
-    placement: dict[str, Any] = {"device_map": model_cfg.get("device_map") or "cpu"}
-    if model_cfg.get("max_memory"):
+    placement: dict[str, Any] = {"device_map": model_cfg["device_map"] or "cpu"}
+    if model_cfg["max_memory"]:
         placement["max_memory"] = dict(model_cfg["max_memory"])
-    if model_cfg.get("offload_folder"):
+    if model_cfg["offload_folder"]:
         placement["offload_folder"] = model_cfg["offload_folder"]
     model = AutoModelForCausalLM.from_pretrained(
         model_dir,
         dtype=getattr(torch, dtype or model_cfg["dtype"]),
-        trust_remote_code=bool(model_cfg.get("trust_remote_code")),
+        trust_remote_code=model_cfg["trust_remote_code"] is True,  # typed by the schema; only true runs remote code
+        use_safetensors=True,  # never unpickle, even where a .bin sits beside the safetensors
         **placement,
     )
     model.eval()
@@ -185,7 +187,7 @@ def _hub_snapshot(model_cfg: Mapping[str, Any]) -> Path:
         return Path(
             snapshot_download(
                 model_cfg["id"],
-                revision=model_cfg.get("revision"),
+                revision=model_cfg["revision"],
                 allow_patterns=["*.json", "*.safetensors", "*.jinja", "*.model", "*.txt", "*.tiktoken"],
                 ignore_patterns=["consolidated*"],  # Mistral's duplicate single-file export
             )
@@ -201,36 +203,25 @@ def _hub_snapshot(model_cfg: Mapping[str, Any]) -> Path:
 
 
 def _materialize(model_cfg: Mapping[str, Any], model_store: Path, progress: bool) -> Path:
-    digest = artifacts.sha256_text(artifacts.canonical_json(recipe(model_cfg)))[:16]
-    target = model_store / f"{model_cfg['name']}-{digest}"
-    if artifacts.verify(target)[0]:
-        return target
+    """The model store's entry for this recipe, built once (tiny twin, or the GGUF dequantized)."""
+    store = ArtifactStore(model_store)
+    name = f"{model_cfg['name']}-{artifacts.content_key(recipe(model_cfg))}"
+    if store.complete(name):
+        return store.path(name)
     try:
-        model_store.mkdir(parents=True, exist_ok=True)
-        with FileLock(str(target) + ".lock"):
-            if artifacts.verify(target)[0]:
-                return target
-            # We hold the lock, so temporaries of this model belong to killed runs.
-            for stale in model_store.glob(f".tmp-{target.name}-*"):
-                artifacts.remove_tree(stale)
-            tmp = model_store / f".tmp-{target.name}-{os.getpid()}"
-            tmp.mkdir()
-            try:
+        with store.writing(name) as out_dir:
+            if out_dir is not None:
                 if model_cfg["source"] == "tiny":
-                    _build_tiny(model_cfg, tmp)
+                    _build_tiny(model_cfg, out_dir)
                 else:
-                    _dequantize_gguf(model_cfg, tmp)
-                artifacts.write_manifest(tmp, {"recipe": recipe(model_cfg)})
-                artifacts.remove_tree(target)
-                os.replace(tmp, target)
-            finally:
-                artifacts.remove_tree(tmp)
+                    _dequantize_gguf(model_cfg, out_dir)
+                artifacts.write_manifest(out_dir, {"recipe": recipe(model_cfg)})
     except OSError as error:
         raise PipelineError(
-            f"could not build {target.name} in the model store ({error.strerror or error}: "
+            f"could not build {name} in the model store ({error.strerror or error}: "
             f"{error.filename or model_store}); free disk space or set cache.models to a writable directory"
         ) from error
-    return target
+    return store.path(name)
 
 
 def _packaged_gguf(model_cfg: Mapping[str, Any], workdir: Path) -> Path:

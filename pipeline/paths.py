@@ -7,9 +7,17 @@ from importlib.resources import files
 from importlib.resources.abc import Traversable
 from pathlib import Path
 
+from pipeline.errors import PipelineError
+
 
 def user_path(value: str | os.PathLike) -> Path:
-    """Resolve a user-given path against the launch directory (Hydra's original cwd when running)."""
+    """Resolve a user-given path against the launch directory (Hydra's original cwd when running).
+
+    An empty path is refused: it would silently mean the launch directory itself (and `${cache.dir}/models`
+    would become `/models`).
+    """
+    if not str(value).strip():
+        raise PipelineError("an empty path was given (cache.dir, cache.models, plan or a prompt source); name a directory or file")
     path = Path(os.path.expanduser(str(value)))
     if path.is_absolute():
         return path

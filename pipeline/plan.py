@@ -6,7 +6,7 @@ sorted keys, fixed float formatting, one line per layer, no timestamps. The
 same inputs give byte-identical files, which is what lets CI regenerate plans
 and diff them (`python -m pipeline.regen --check`).
 
-This module owns the format only; choosing layers is `pipeline.stages.select`.
+This module owns the format only; choosing layers is `pipeline.selection`.
 """
 
 from __future__ import annotations
@@ -16,9 +16,8 @@ import math
 from pathlib import Path
 from typing import Any, Mapping
 
-import yaml
-
 from pipeline.errors import PipelineError
+from pipeline.safe_yaml import load_yaml_file
 
 METHODS = ("orthogonal", "norm_preserving")
 DIRECTION_SOURCES = ("own", "best")
@@ -53,6 +52,19 @@ _LAYER_OPTIONAL = {"quality": float, "attn_scale": float, "mlp_scale": float}
 `attn_scale` / `mlp_scale` override `scale` for the attention output / the MLP down projections."""
 
 
+SCALE_RANGE = (0.0, 4.0)
+"""Allowed ablation scales: 0 leaves a matrix as it is, 1 removes the direction, above 1 writes its opposite.
+Beyond 4 the edited weights' norms grow without bound (at 1e36 every logit of the model is 0)."""
+MAX_TEXT = 500
+"""Longest string a plan may hold; strings are single-line printable text (they go into a model card header)."""
+
+
+def _shown(value: Any) -> str:
+    """A value for an error message: its repr, cut short so a hostile value cannot flood the terminal."""
+    text = repr(value)
+    return text if len(text) <= 80 else f"{text[:77]}..."
+
+
 class _NotAPlan(Exception):
     """Internal: what is wrong with a plan; `validate_plan` turns it into a PipelineError naming the file."""
 
@@ -60,18 +72,20 @@ class _NotAPlan(Exception):
 def _typed(value: Any, kind: type | str, where: str) -> Any:
     if kind == LAYER_INDEX:
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-            raise _NotAPlan(f"{where} must be a layer number (integer or fractional), got {value!r}")
+            raise _NotAPlan(f"{where} must be a layer number (integer or fractional), got {_shown(value)}")
         return value
     if kind is int:
         if isinstance(value, bool) or not isinstance(value, int):
-            raise _NotAPlan(f"{where} must be an integer, got {value!r}")
+            raise _NotAPlan(f"{where} must be an integer, got {_shown(value)}")
         return value
     if kind is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-            raise _NotAPlan(f"{where} must be a finite number, got {value!r}")
+            raise _NotAPlan(f"{where} must be a finite number, got {_shown(value)}")
         return float(value)
     if not isinstance(value, kind):
-        raise _NotAPlan(f"{where} must be a {kind.__name__}, got {value!r}")
+        raise _NotAPlan(f"{where} must be a {kind.__name__}, got {_shown(value)}")
+    if kind is str and (len(value) > MAX_TEXT or not value.isprintable()):
+        raise _NotAPlan(f"{where} must be one line of printable text of at most {MAX_TEXT} characters, got {_shown(value)}")
     return value
 
 
@@ -79,13 +93,13 @@ def _fields(
     mapping: Any, required: Mapping[str, type | str], optional: Mapping[str, type | str], where: str
 ) -> dict:
     if not isinstance(mapping, dict):
-        raise _NotAPlan(f"{where} must be a mapping, got {mapping!r}")
+        raise _NotAPlan(f"{where} must be a mapping, got {_shown(mapping)}")
     missing = [key for key in required if key not in mapping]
-    unknown = sorted(str(key) for key in mapping if key not in required and key not in optional)
+    unknown = sorted(str(key)[:80] for key in mapping if key not in required and key not in optional)
     if missing:
         raise _NotAPlan(f"{where} is missing {', '.join(missing)}")
     if unknown:
-        raise _NotAPlan(f"{where} has unknown key {', '.join(unknown)}")
+        raise _NotAPlan(f"{where} has unknown key {', '.join(unknown[:3])}")
     kinds = {**required, **optional}
     return {
         key: _typed(value, kinds[key], key if where == "plan" else f"{where}.{key}") for key, value in mapping.items()
@@ -114,10 +128,14 @@ def _normalized(plan: Any) -> dict:
     numbers = [entry["layer"] for entry in layers]
     if len(set(numbers)) != len(numbers):
         raise _NotAPlan(f"layers lists a layer twice: {sorted(numbers)}")
+    low, high = SCALE_RANGE
     for entry in layers:
         for key in ("layer", "direction_from"):
             if not 0 <= entry[key] <= plan["num_layers"] - 1:
                 raise _NotAPlan(f"{key} {entry[key]} is outside 0..{plan['num_layers'] - 1}")
+        for key in ("scale", "attn_scale", "mlp_scale"):
+            if key in entry and not low <= entry[key] <= high:
+                raise _NotAPlan(f"layer {entry['layer']}: {key} {entry[key]:g} is outside [{low:g}, {high:g}]")
     source = plan["direction_source"]
     if source in ("own", "best") and any(entry["direction_from"] != int(entry["direction_from"]) for entry in layers):
         raise _NotAPlan(f"direction_source is {source} but a direction_from is fractional; use single")
@@ -176,32 +194,4 @@ def write_plan(path: Path, plan: Mapping[str, Any]) -> None:
 
 def read_plan(path: Path) -> dict:
     """Load and validate an `ablation.yaml`; a PipelineError names the file when it is not a plan."""
-    path = Path(path)
-    try:
-        loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except OSError as error:
-        raise PipelineError(f"cannot read plan {path}: {error.strerror}; check the path") from None
-    except yaml.YAMLError as error:
-        first_line = str(error).splitlines()[0]
-        raise PipelineError(f"{path} is not an ablation plan: invalid YAML ({first_line})") from None
-    return validate_plan(loaded, str(path))
-
-
-def check_measurement_matches(meta: Mapping[str, str], hidden_size: int, num_layers: int, source: str) -> None:
-    """Refuse a measurement taken on a model of another shape than the one it is applied to."""
-    try:
-        measured_hidden, measured_layers = int(meta["hidden_size"]), int(meta["num_layers"])
-    except (KeyError, ValueError):
-        raise PipelineError(
-            f"measurement {source} has no valid hidden_size/num_layers metadata; re-run the measure stage"
-        ) from None
-    fix = "measure this model instead of reusing that measurement"
-    if measured_hidden != hidden_size:
-        raise PipelineError(
-            f"measurement {source} is from a model with hidden size {measured_hidden}, "
-            f"this model has {hidden_size}; {fix}"
-        )
-    if measured_layers != num_layers:
-        raise PipelineError(
-            f"measurement {source} is from a model with {measured_layers} layers, this model has {num_layers}; {fix}"
-        )
+    return validate_plan(load_yaml_file(path, "an ablation plan"), str(path))

@@ -17,6 +17,7 @@ import json
 import os
 import random
 import re
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -33,6 +34,11 @@ DEFAULT_FIELD = "text"
 DEFAULT_HF_SPLIT = "train"
 SUPPORTED_EXTENSIONS = (".txt", ".jsonl", ".json", ".csv", ".parquet")
 _FALLBACK_HINT = "use prompts=default (the shipped sets) or a local file"
+MAX_SOURCE_BYTES = 256 * 2**20
+"""A prompt file larger than this is not a prompt set (or is `/dev/zero`): refused before it is read."""
+MAX_PROMPT_CHARS = 8000
+"""Longer prompts are refused: a forward pass's memory grows with the square of the longest prompt in a batch,
+and a 100k-character line would allocate gigabytes. Every shipped and public refusal set stays far below."""
 
 
 @dataclass(frozen=True)
@@ -123,6 +129,7 @@ def prompt_splits(prompts_cfg: Mapping[str, Any]) -> PromptSplits:
     seed, n_train, n_eval = int(prompts_cfg["seed"]), int(prompts_cfg["n_train"]), int(prompts_cfg["n_eval"])
     harmful = load_prompt_set(prompts_cfg["harmful"])
     harmless = load_prompt_set(prompts_cfg["harmless"])
+    check_classes_disjoint(harmful, harmless)
     harmful_train, harmful_eval = split_prompts(harmful, seed, n_train, n_eval)
     harmless_train, harmless_eval = split_prompts(harmless, seed, n_train, n_eval)
     return PromptSplits(
@@ -134,14 +141,29 @@ def prompt_splits(prompts_cfg: Mapping[str, Any]) -> PromptSplits:
     )
 
 
+def shared_prompts(first: Sequence[str], second: Sequence[str]) -> list[str]:
+    """The prompts of `second` that also appear in `first`, compared after `normalize_prompt`."""
+    seen = {normalize_prompt(text) for text in first}
+    return [text for text in second if normalize_prompt(text) in seen]
+
+
 def check_disjoint(train: Sequence[str], eval: Sequence[str], what: str) -> None:
-    """Refuse to evaluate on prompts the direction was measured on (compared after `normalize_prompt`)."""
-    seen = {normalize_prompt(text) for text in train}
-    leaked = [text for text in eval if normalize_prompt(text) in seen]
+    """Refuse to evaluate on prompts the direction was measured on."""
+    leaked = shared_prompts(train, eval)
     if leaked:
         raise PipelineError(
-            f"{what}: {len(leaked)} eval prompt(s) also appear in train, e.g. {leaked[0]!r}; "
-            "rerun collect so train and eval come from the same split"
+            f"{what}: {len(leaked)} eval prompt(s) also appear in train, e.g. {leaked[0][:80]!r}; "
+            "the cached artifacts disagree with the prompt sets: rerun with run.force=[collect,baseline]"
+        )
+
+
+def check_classes_disjoint(harmful: PromptSet, harmless: PromptSet) -> None:
+    """Refuse a harmful and a harmless set that share a prompt: it would be both, and blur the direction."""
+    shared = shared_prompts(harmful.texts, harmless.texts)
+    if shared:
+        raise PipelineError(
+            f"{len(shared)} prompt(s) are in both the harmful set {harmful.source} and the harmless set "
+            f"{harmless.source}, e.g. {shared[0][:80]!r}; remove them from one of the sets"
         )
 
 
@@ -174,13 +196,26 @@ def _read_source_bytes(source: str) -> tuple[str, bytes]:
             f"use one of {', '.join(SUPPORTED_EXTENSIONS)}"
         )
     try:
-        return label, resource.read_bytes()
+        return label, _bounded_read(label, resource)
     except FileNotFoundError:
         raise PipelineError(f"prompt file {label} does not exist; fix the path in prompts.*.source or {_FALLBACK_HINT}") from None
     except PermissionError:
         raise PipelineError(f"prompt file {label} is not readable (permission denied); fix its permissions") from None
     except OSError as error:
         raise PipelineError(f"prompt file {label} could not be read ({error.strerror or error}); point source at a regular file") from None
+
+
+def _bounded_read(label: str, resource: Any) -> bytes:
+    """The bytes of a regular file of at most MAX_SOURCE_BYTES: a FIFO, a device or a huge file is refused unread."""
+    if isinstance(resource, Path):
+        status = resource.stat()
+        if not stat.S_ISREG(status.st_mode):
+            raise PipelineError(f"prompt file {label} is not a regular file; point prompts.*.source at a file")
+        if status.st_size > MAX_SOURCE_BYTES:
+            raise PipelineError(
+                f"prompt file {label} has {status.st_size:,} bytes, more than {MAX_SOURCE_BYTES:,}; use a smaller prompt set"
+            )
+    return resource.read_bytes()
 
 
 def _parse(label: str, data: bytes, field: str) -> list[str]:
@@ -294,6 +329,11 @@ def _clean(values: Sequence[Any], label: str) -> list[str]:
     for number, value in enumerate(values, start=1):
         if not isinstance(value, str):
             raise PipelineError(f"prompt source {label}: entry {number} is {type(value).__name__}, expected text; fix the data")
+        if len(value) > MAX_PROMPT_CHARS:
+            raise PipelineError(
+                f"prompt source {label}: entry {number} has {len(value):,} characters, more than {MAX_PROMPT_CHARS:,}; "
+                "shorten or remove it"
+            )
         if value.strip():
             texts.append(value.strip())
     return texts

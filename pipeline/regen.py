@@ -22,9 +22,9 @@ from typing import Sequence
 import yaml
 
 from pipeline.errors import PipelineError
-from pipeline.plan import check_measurement_matches, plan_to_text, read_plan
-from pipeline.stages.measure import MEASUREMENT_SUFFIX, read_measurements
-from pipeline.stages.select import build_plan, settings_from_config
+from pipeline.measurement import MEASUREMENT_SUFFIX, check_measurement_matches, read_measurements
+from pipeline.plan import plan_to_text, read_plan
+from pipeline.selection import build_plan, settings_from_config
 
 SETTINGS_FILE = "select.yaml"
 PLAN_FILE = "ablation.yaml"

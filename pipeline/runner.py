@@ -7,10 +7,9 @@ inputs it declares). Its artifact is `<cache.dir>/<stage>/<key>/`, complete
 exactly when `manifest.json` verifies.
 
 Every key is computed before any stage runs, so a bad prompt file or model
-path fails in a second, before anything is written. A stage writes into
-`<stage>/.tmp-<key>-<pid>-<random>/` while holding `<stage>/.<key>.lock`;
-a temporary whose lock can be taken belongs to a dead process and is removed
-(here for the key being computed, by `python -m pipeline.cache gc` for all).
+path fails in a second, before anything is written. Writing, locking,
+verifying and cleaning up artifacts is `pipeline.store.ArtifactStore`'s job,
+one store per stage directory.
 """
 
 from __future__ import annotations
@@ -18,25 +17,26 @@ from __future__ import annotations
 import importlib.metadata
 import logging
 import os
-import re
 import resource
 import signal
 import subprocess
 import sys
 import tempfile
 import time
-import uuid
-from contextlib import suppress
+from contextlib import contextmanager
 from dataclasses import dataclass
+from enum import Enum
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
-from filelock import FileLock
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf.errors import MissingMandatoryValue
+from safetensors import SafetensorError
 
-from pipeline import artifacts, distributed
+from pipeline import artifacts, distributed, schema
 from pipeline.errors import PipelineError
 from pipeline.stage import Stage, StageContext
+from pipeline.store import ArtifactStore
 
 log = logging.getLogger(__name__)
 
@@ -54,9 +54,6 @@ NON_SEMANTIC_KEYS = frozenset(
     }
 )
 LIBRARIES = ("torch", "transformers", "accelerate", "safetensors", "hydra-core", "omegaconf", "datasets")
-KEY_LENGTH = 16
-TEMPORARY_PATTERN = re.compile(rf"\.tmp-(?P<key>[0-9a-f]{{{KEY_LENGTH}}})-\d+-[0-9a-f]{{8}}")
-"""Name of a stage's temporary directory: `.tmp-<key>-<pid>-<random>`, next to its final `<key>/`."""
 FAULT_ENV = "PIPELINE_FAULT"
 """Test hook (docs/troubleshooting.md): PIPELINE_FAULT=<stage> makes the process SIGKILL itself right after that
 stage's `run` returns, before its manifest and rename, so tests can reproduce `kill -9` at the worst moment."""
@@ -71,11 +68,42 @@ class StageResult:
 
 
 def config_slice(cfg: DictConfig, keys: Sequence[str]) -> dict[str, Any]:
-    """{dotted key: resolved plain value}; a missing key is a programming error in the stage."""
+    """{dotted key: resolved plain value}; for a config composed onto the schema, checked against it
+    (`pipeline.schema.check`: types, ranges, required and unknown keys), so a bad value fails here,
+    before any stage runs.
+
+    Plain means what is hashed: enum members become their strings, and a setting the config leaves out
+    (an optional section set to None, an unset `???` value) is not in the slice, so adding an optional
+    field to the schema never changes a cache key.
+    """
+
+    def plain(value: Any, key: str) -> Any:
+        if isinstance(value, Enum):
+            return value.value
+        if isinstance(value, dict):
+            kept = {}
+            for name, item in value.items():
+                found = schema.lookup(f"{key}.{name}")
+                if item == MISSING or (item is None and found is not None and schema.drops_when_none(*found)):
+                    continue
+                kept[name] = plain(item, f"{key}.{name}")
+            return kept
+        if isinstance(value, list):
+            return [plain(item, key) for item in value]
+        return value
+
+    typed = OmegaConf.get_type(cfg) is schema.Config  # composed onto the schema (a hand-made test config is not)
     values = {}
     for key in keys:
-        node = OmegaConf.select(cfg, key, throw_on_missing=True)
-        values[key] = OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else node
+        try:
+            node = OmegaConf.select(cfg, key, throw_on_missing=True)
+        except MissingMandatoryValue:
+            raise PipelineError(f"{key} is not set; set it in its config group or on the command line") from None
+        if OmegaConf.is_config(node):
+            node = OmegaConf.to_container(node, resolve=True, throw_on_missing=False)
+        values[key] = plain(node, key)
+        if typed and schema.lookup(key) is not None:
+            schema.check(key, values[key])
     return values
 
 
@@ -98,12 +126,7 @@ def cache_key(stage: Stage, values: Mapping[str, Any], upstream: Mapping[str, st
         "upstream": dict(upstream),
         "inputs": dict(digests),
     }
-    return artifacts.sha256_text(artifacts.canonical_json(payload))[:KEY_LENGTH]
-
-
-def lock_path(final: Path) -> Path:
-    """The lock that a writer of `<stage>/<key>/` holds from its first write to its rename."""
-    return final.parent / f".{final.name}.lock"
+    return artifacts.content_key(payload)
 
 
 def ensure_writable(directory: Path, setting: str) -> None:
@@ -121,6 +144,8 @@ def ensure_writable(directory: Path, setting: str) -> None:
 
 def execution_order(registry: Mapping[str, Stage], requested: Sequence[str]) -> list[str]:
     """Requested stages plus everything they need, upstream first, in registry order."""
+    if not requested:
+        raise PipelineError(f"run.stages is empty, so there is nothing to do; name stages from {', '.join(registry)}")
     unknown = [name for name in requested if name not in registry]
     if unknown:
         raise PipelineError(
@@ -181,28 +206,37 @@ class Runner:
             keys[name] = (cache_key(stage, values, upstream, digests), values, digests)
         return keys
 
+    def store(self, stage: Stage) -> ArtifactStore:
+        """The store of `stage`'s artifacts: `<cache.dir>/<stage>/`."""
+        return ArtifactStore(self.cache_dir / stage.name)
+
     def _ensure(self, stage: Stage, key: str, values: dict, digests: dict, force: bool) -> StageResult:
-        final = self.cache_dir / stage.name / key
-        if not force and self._usable(final, stage.name):
-            log.info("%s: cached %s", stage.name, final)
-            return StageResult(key, final, True, 0.0)
+        store = self.store(stage)
+        if not force and store.usable(key, stage.name):
+            log.info("%s: cached %s", stage.name, store.path(key))
+            return StageResult(key, store.path(key), True, 0.0)
+        with self._writing(stage, key, force) as out_dir:
+            if out_dir is None:  # another job finished this key while we waited for its lock
+                return StageResult(key, store.path(key), True, 0.0)
+            seconds = self._compute(stage, key, values, digests, out_dir)
+        return StageResult(key, store.path(key), False, seconds)
+
+    @contextmanager
+    def _writing(self, stage: Stage, key: str, force: bool) -> Iterator[Path | None]:
+        """`ArtifactStore.writing`, with a write failure said in one line naming the stage."""
         try:
-            final.parent.mkdir(parents=True, exist_ok=True)
-            lock = FileLock(str(lock_path(final)))
-            lock.acquire()
+            with self.store(stage).writing(key, force) as out_dir:
+                yield out_dir
         except OSError as error:
             raise PipelineError(
-                f"{stage.name}: cannot create {final.parent} or its lock ({error.strerror or error}); "
-                "choose a writable cache.dir or free disk space"
+                f"{stage.name}: could not write the artifact ({error.strerror or error}: {error.filename or self.cache_dir}); "
+                "free disk space or choose a writable cache.dir"
             ) from error
-        try:
-            # Another job may have finished this key while we waited for the lock.
-            if not force and final.exists() and artifacts.verify(final)[0]:
-                return StageResult(key, final, True, 0.0)
-            self._remove_stale_temporaries(final)
-            return self._compute(stage, key, values, digests, final)
-        finally:
-            lock.release()
+        except SafetensorError as error:  # safetensors reports a failed write (a full disk) as its own error type
+            raise PipelineError(
+                f"{stage.name}: could not write a safetensors file ({str(error).splitlines()[0]}); "
+                "free disk space or choose a writable cache.dir"
+            ) from error
 
     def _run_launched(self, order: Sequence[str], force: Sequence[str]) -> dict[str, StageResult]:
         """Under `accelerate launch`/`torchrun`: the main process alone writes the cache and model store.
@@ -230,19 +264,13 @@ class Runner:
         """One stage in a launch: the main process decides skip-or-run under the key's lock and broadcasts
         "<key> <decision>"; helpers run a data-parallel stage into a scratch directory outside the cache
         (the stage itself writes only on the main process) and wait at a barrier until the rename is done."""
-        final = self.cache_dir / stage.name / key
+        final = self.store(stage).path(key)
         if distributed.is_main_process():
-            final.parent.mkdir(parents=True, exist_ok=True)
-            with FileLock(str(lock_path(final))):
-                cached = not force and final.exists() and artifacts.verify(final)[0]
-                distributed.broadcast_text(f"{key} {'cached' if cached else 'run'}")
-                if cached:
-                    result = StageResult(key, final, True, 0.0)
-                else:
-                    self._remove_stale_temporaries(final)
-                    result = self._compute(stage, key, values, digests, final)
+            with self._writing(stage, key, force) as out_dir:
+                distributed.broadcast_text(f"{key} {'cached' if out_dir is None else 'run'}")
+                seconds = 0.0 if out_dir is None else self._compute(stage, key, values, digests, out_dir)
             distributed.barrier()
-            return result
+            return StageResult(key, final, out_dir is None, seconds)
         main_key, decision = distributed.broadcast_text(None).split()
         if main_key != key:
             raise PipelineError(
@@ -252,18 +280,20 @@ class Runner:
         started = time.perf_counter()
         if decision == "run" and stage.data_parallel:
             with tempfile.TemporaryDirectory(prefix=f"pipeline-{stage.name}-rank{distributed.process_index()}-") as scratch:
-                context = StageContext(
-                    config=values,
-                    out_dir=Path(scratch),
-                    inputs={name: self.results[name].dir for name in stage.needs},
-                    model_store=self.model_store,
-                    seed=int(self.cfg.run.seed),
-                    progress=False,
-                    cache_keys=self._lineage(stage, key),
-                )
-                stage.run(context)
+                stage.run(self._context(stage, key, values, Path(scratch), progress=False))
         distributed.barrier()
         return StageResult(key, final, decision == "cached", time.perf_counter() - started)
+
+    def _context(self, stage: Stage, key: str, values: dict, out_dir: Path, progress: bool) -> StageContext:
+        return StageContext(
+            config=values,
+            out_dir=out_dir,
+            inputs={name: self.results[name].dir for name in stage.needs},
+            model_store=self.model_store,
+            seed=int(self.cfg.run.seed),
+            progress=progress,
+            cache_keys=self._lineage(stage, key),
+        )
 
     def _lineage(self, stage: Stage, key: str) -> dict[str, str]:
         """{name: cache key} of `stage` and of every stage upstream of it (all already resolved)."""
@@ -275,73 +305,35 @@ class Runner:
                 pending.extend(self.registry[name].needs)
         return keys
 
-    def _usable(self, directory: Path, name: str) -> bool:
-        if not directory.exists():
-            return False
-        ok, why = artifacts.verify(directory)
-        if not ok:
-            log.warning("%s: cached artifact %s is not usable (%s); recomputing", name, directory, why)
-        return ok
-
-    @staticmethod
-    def _remove_stale_temporaries(final: Path) -> None:
-        """Temp dirs for this key belong to killed runs: we hold the key's lock, so nobody live writes them."""
-        for stale in final.parent.glob(f".tmp-{final.name}-*"):
-            if not TEMPORARY_PATTERN.fullmatch(stale.name):
-                continue
-            log.warning("removing %s, left by a run that was killed while computing it", stale)
-            artifacts.remove_tree(stale)
-
-    def _compute(self, stage: Stage, key: str, values: dict, digests: dict, final: Path) -> StageResult:
-        tmp = final.parent / f".tmp-{key}-{os.getpid()}-{uuid.uuid4().hex[:8]}"  # matches TEMPORARY_PATTERN
+    def _compute(self, stage: Stage, key: str, values: dict, digests: dict, out_dir: Path) -> float:
+        """Run `stage` into `out_dir` and write its manifest; returns the seconds it took."""
         started = time.perf_counter()
-        context = StageContext(
-            config=values,
-            out_dir=tmp,
-            inputs={name: self.results[name].dir for name in stage.needs},
-            model_store=self.model_store,
-            seed=int(self.cfg.run.seed),
-            progress=bool(self.cfg.run.progress),
-            cache_keys=self._lineage(stage, key),
-        )
+        context = self._context(stage, key, values, out_dir, progress=bool(self.cfg.run.progress))
         log.info("%s: computing %s", stage.name, key)
-        try:
-            tmp.mkdir()
-            stage.run(context)
-            if os.environ.get(FAULT_ENV) == stage.name:  # the one test hook, see FAULT_ENV
-                os.kill(os.getpid(), signal.SIGKILL)
-            seconds = time.perf_counter() - started
-            artifacts.write_manifest(
-                tmp,
-                {
-                    "stage": stage.name,
-                    "version": stage.version,
-                    "key": key,
-                    "config": values,
-                    "upstream": {name: self.results[name].key for name in stage.needs},
-                    "inputs": digests,
-                    "seconds": round(seconds, 3),
-                    "peak_rss_mb": round(peak_rss_mb(), 1),
-                    "libraries": library_versions(),
-                    "python": sys.version.split()[0],
-                    "code_commit": code_commit(),
-                    "seed": context.seed,
-                    **context.manifest_extra,
-                },
-                known=context.written_hashes,
-            )
-            if final.exists():  # an invalid leftover (corrupt or forced): replace it
-                artifacts.remove_tree(final)
-            os.replace(tmp, final)
-        except OSError as error:
-            raise PipelineError(
-                f"{stage.name}: could not write the artifact ({error.strerror or error}: {error.filename or tmp}); "
-                "free disk space or choose a writable cache.dir"
-            ) from error
-        finally:
-            with suppress(OSError):  # a leftover is removed by the next run of this key or by cache gc
-                artifacts.remove_tree(tmp)
-        return StageResult(key, final, False, seconds)
+        stage.run(context)
+        if os.environ.get(FAULT_ENV) == stage.name:  # the one test hook, see FAULT_ENV
+            os.kill(os.getpid(), signal.SIGKILL)
+        seconds = time.perf_counter() - started
+        artifacts.write_manifest(
+            out_dir,
+            {
+                "stage": stage.name,
+                "version": stage.version,
+                "key": key,
+                "config": values,
+                "upstream": {name: self.results[name].key for name in stage.needs},
+                "inputs": digests,
+                "seconds": round(seconds, 3),
+                "peak_rss_mb": round(peak_rss_mb(), 1),
+                "libraries": library_versions(),
+                "python": sys.version.split()[0],
+                "code_commit": code_commit(),
+                "seed": context.seed,
+                **context.manifest_extra,
+            },
+            known=context.written_hashes,
+        )
+        return seconds
 
 
 def peak_rss_mb() -> float:

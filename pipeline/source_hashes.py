@@ -1,5 +1,8 @@
 """Remembered sha256 sums of checkpoints we do not own (a local directory, a hub snapshot).
 
+They give such a checkpoint its content fingerprint (part of every cache key that depends on the
+model), so a checkpoint rewritten in place, same names and sizes, is a different model to the cache.
+
 The ablate manifest records the sha256 of every source file, and hashing is the slowest part of
 ablating a local checkpoint: about 1 GB/s per core, twice the time of the copy itself on the
 project's reference machine (bench/ablate.py). A sweep ablates the same source once per point.
@@ -17,6 +20,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 from typing import Iterable, Mapping
+
+from tqdm.auto import tqdm
 
 from pipeline import artifacts
 from pipeline.errors import PipelineError
@@ -80,3 +85,21 @@ def check_unchanged(directory: Path, before: Stats, names: Iterable[str]) -> Non
             f"{directory} changed while it was read ({', '.join(changed[:3])}{' ...' if len(changed) > 3 else ''}); "
             "wait for whatever is writing it to finish, then run again"
         )
+
+
+def directory_hashes(model_store: Path, directory: Path, progress: bool = True) -> dict[str, str]:
+    """{relative path: sha256} of every file of `directory`; only files never hashed, or changed since,
+    are read (the first use of a checkpoint reads it once, later runs read nothing)."""
+    stats = file_stats(directory)
+    hashes = remembered(model_store, directory, stats)
+    missing = [name for name in stats if name not in hashes]
+    if missing:
+        total = sum(stats[name][2] for name in missing)
+        with tqdm(total=total, unit="B", unit_scale=True, desc=f"hashing {Path(directory).name}",
+                  disable=not progress or total < 1 << 28) as bar:
+            for name in missing:
+                hashes[name] = artifacts.sha256_file(Path(directory) / name)
+                bar.update(stats[name][2])
+        check_unchanged(directory, stats, missing)
+        remember(model_store, directory, stats, hashes)
+    return hashes

@@ -6,8 +6,8 @@ stage's `metrics.json` holds its numbers. `SweepSummary`, a Hydra callback regis
 and writes into the sweep directory:
 
 * `summary.csv`: one row per job (overrides, layers, refusal before/after, KL, cache use, time, error);
-* `pareto.png`: refusal-after against KL, with the Pareto front (both minimized) marked and joined,
-  each point labelled with the overrides that vary across the sweep.
+* `pareto.png`: refusal-after against KL, with the Pareto front (both minimized, `pipeline.pareto`) marked
+  and joined, each point labelled with the overrides that vary across the sweep (`pipeline.plots`).
 """
 
 from __future__ import annotations
@@ -22,6 +22,9 @@ from typing import Any, Sequence
 
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
+
+from pipeline.pareto import pareto_front
+from pipeline.plots import plot_pareto
 
 log = logging.getLogger(__name__)
 
@@ -59,20 +62,6 @@ class JobSummary:
     @property
     def evaluated(self) -> bool:
         return self.refusal_after is not None and self.kl_divergence is not None
-
-
-def pareto_front(points: Sequence[tuple[float, float]]) -> list[int]:
-    """Indices of the points no other point dominates (both coordinates minimized), by x then y.
-
-    A point is dominated when another is <= in both coordinates and < in at least one; equal points
-    do not dominate each other, so duplicates on the front are all kept.
-    """
-
-    def dominated(i: int) -> bool:
-        x, y = points[i]
-        return any(ox <= x and oy <= y and (ox < x or oy < y) for ox, oy in points)
-
-    return sorted((i for i in range(len(points)) if not dominated(i)), key=lambda i: (points[i], i))
 
 
 def read_job(run_json: Path, sweep_dir: Path) -> JobSummary:
@@ -143,43 +132,27 @@ def write_summary_csv(jobs: Sequence[JobSummary], path: Path) -> None:
             )
 
 
-def plot_pareto(jobs: Sequence[JobSummary], path: Path) -> None:
-    """pareto.png: evaluated jobs as points, the Pareto front highlighted and joined in refusal order."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    labels = varying_overrides(jobs)
-    shown = [(job, label) for job, label in zip(jobs, labels) if job.evaluated]
-    points = [(job.refusal_after, job.kl_divergence) for job, _ in shown]
-    front = pareto_front(points)
-    figure, axes = plt.subplots(figsize=(8, 6))
-    if points:
-        axes.scatter(*zip(*points), color="tab:gray", label="sweep point")
-        front_points = [points[i] for i in front]
-        axes.plot(*zip(*front_points), color="tab:red", marker="o", label="Pareto front")
-        for (job, label), (x, y) in zip(shown, points):
-            text = f"#{job.job} " + " ".join(label) if label else f"#{job.job}"
-            axes.annotate(text, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
-        axes.legend()
-    else:
-        axes.text(0.5, 0.5, "no job finished evaluate", ha="center", va="center", transform=axes.transAxes)
+def plot_sweep(jobs: Sequence[JobSummary], path: Path) -> None:
+    """pareto.png: evaluated jobs as points labelled by their varying overrides, the Pareto front joined."""
+    shown = [(job, label) for job, label in zip(jobs, varying_overrides(jobs)) if job.evaluated]
+    points = [(job.kl_divergence, job.refusal_after) for job, _ in shown]
     failed = len(jobs) - len(shown)
-    axes.set_title(f"{len(shown)} evaluated jobs" + (f", {failed} without metrics (see summary.csv)" if failed else ""))
-    axes.set_xlabel("refusal rate after ablation (lower is better)")
-    axes.set_ylabel("KL divergence on harmless prompts (lower is better)")
-    axes.grid(True, alpha=0.3)
-    figure.tight_layout()
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
+    plot_pareto(
+        path,
+        points,
+        pareto_front(points),
+        f"{len(shown)} evaluated jobs" + (f", {failed} without metrics (see summary.csv)" if failed else ""),
+        labels=[" ".join((f"#{job.job}", *label)) for job, label in shown],
+        point_label="sweep point",
+        empty="no job finished evaluate",
+    )
 
 
 def summarize_sweep(sweep_dir: Path, since: float = 0.0) -> list[JobSummary]:
     """Write summary.csv and pareto.png into `sweep_dir`; returns the jobs they describe."""
     jobs = collect_jobs(sweep_dir, since)
     write_summary_csv(jobs, sweep_dir / SUMMARY_CSV)
-    plot_pareto(jobs, sweep_dir / PARETO_PNG)
+    plot_sweep(jobs, sweep_dir / PARETO_PNG)
     return jobs
 
 

@@ -3,7 +3,8 @@
 It reads `ablation.yaml` from select and the direction tables from measure,
 resolves the source checkpoint (hub snapshot, local directory, or a model
 materialized into the model store), and copies it into `<artifact>/model/`
-with the planned layers' tensors edited in the copy (`pipeline.weight_edit`).
+with the planned layers' tensors edited in the copy (`pipeline.checkpoint_copy`),
+and writes the model card (README.md) that records the plan and its provenance.
 The source's file hashes go into the manifest so the artifact says exactly
 which bytes it was derived from. A model materialized into the model store
 has just had every file verified against its own manifest by
@@ -16,15 +17,17 @@ its hashes are remembered against each file's stat identity
 
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
 from typing import Any, Mapping
 
 from pipeline import artifacts, models, source_hashes
-from pipeline.architectures import num_decoder_layers, text_config
-from pipeline.plan import check_measurement_matches, read_plan
+from pipeline.architectures import Architecture, num_decoder_layers, text_config
+from pipeline.checkpoint_copy import edit_checkpoint
+from pipeline.measurement import check_measurement_matches, read_measurements
+from pipeline.plan import read_plan
 from pipeline.stage import Stage, StageContext
-from pipeline.stages.measure import read_measurements
-from pipeline.weight_edit import directions_for_method, edit_checkpoint
+from pipeline.weight_edit import ResolvedPlan, directions_for_method
 
 
 def run(ctx: StageContext) -> None:
@@ -49,8 +52,8 @@ def run(ctx: StageContext) -> None:
         progress=ctx.progress,
         embed=bool(ctx.config["ablate"]["embed"]["enabled"]),
         source_hashes=known_hashes(model_cfg, source, ctx.model_store, stats),
-        cache_keys=ctx.cache_keys,
         hash_output=True,
+        card=partial(model_card, plan, ctx.cache_keys),
     )
     source_hashes.check_unchanged(source, stats, report["source_files"])
     if model_cfg["source"] not in models.MATERIALIZED_SOURCES:
@@ -68,6 +71,37 @@ def known_hashes(model_cfg: Mapping[str, Any], source: Path, model_store: Path, 
         return source_hashes.remembered(model_store, source, stats)
     manifest = artifacts.read_manifest(source)
     return manifest["files"] if manifest else {}
+
+
+def model_card(
+    plan: Mapping[str, Any], cache_keys: Mapping[str, str], resolved: ResolvedPlan, arch: Architecture, source_dir: Path
+) -> str:
+    """The exported model's README.md: what was edited, from which source, and the cache keys
+    ({stage: key}) of the runs that produced it, so a published model can be traced and rebuilt."""
+    rows = "\n".join(
+        f"| {entry['layer']} | {entry['direction_from']} | {layer.scales['attn']:g} | {layer.scales['mlp']:g} |"
+        for entry in sorted(plan["layers"], key=lambda e: int(e["layer"]))
+        for layer in [resolved.layers[int(entry["layer"])]]
+    )
+    model = plan.get("model", str(source_dir))
+    embed = (
+        f"Token embeddings: edited along layer {min(resolved.layers)}'s direction (scale {resolved.embed_scale:g}).\n"
+        if resolved.embed_direction is not None
+        else "Token embeddings: unchanged.\n"
+    )
+    caveat = f"\nNote: {arch.note}.\n" if arch.note else ""
+    keys = "".join(f"- {stage}: `{key}`\n" for stage, key in sorted(cache_keys.items()))
+    provenance = f"\nPipeline cache keys (`<cache.dir>/<stage>/<key>/`):\n\n{keys}" if keys else ""
+    return (
+        f"---\nbase_model: {model}\ntags:\n- abliterated\n---\n\n"
+        f"# {model} (abliterated)\n\n"
+        f"Source: `{model}` read from `{source_dir}`.\n\n"
+        f"Method: `{resolved.method}`. Each listed decoder layer (0-based) had the refusal direction removed "
+        "from its attention output projection and its MLP down projections (all experts, shared experts "
+        "and biases included).\n\n"
+        "| layer | direction_from | attn scale | mlp scale |\n|---|---|---|---|\n"
+        f"{rows}\n\n{embed}{caveat}{provenance}"
+    )
 
 
 # The whole `model` mapping is needed to resolve the checkpoint (a tiny or packaged model is

@@ -1,193 +1,41 @@
 """collect: residual-stream activations of the harmful and harmless training prompts, every decoder layer.
 
-Artifacts: `activations.safetensors`, `prompts.jsonl` (the exact rendered prompts) and `meta.json`.
-Index i of the layer axis is always the output of decoder layer i (0-based). `{label}` is `harmful` or
-`harmless`; "the activation" of a prompt is its residual at `collect.positions`: the last token, or the
-mean over the post-instruction tokens (for both `post_instruction` and `post_instruction_mean`).
-
-`collect.keep_activations=true` (meta `activations: kept`), all float32:
-  `{label}` [n, num_layers, hidden]; `{label}_embed` [n, hidden] (embedding output, same reduction);
-  with `positions=post_instruction` also `{label}_positions` [n, num_layers, k, hidden], the k
-  post-instruction tokens in prompt order (the last one is the `last` position).
-
-`collect.keep_activations=false` (meta `activations: streamed`): float64 sums over prompts, so memory
-does not grow with the number of prompts:
-  `{label}_sum` [num_layers, hidden]; `{label}_sumsq` [num_layers] (sum of squared L2 norms);
-  `{label}_count` [] (int64); `{label}_embed_sum` [hidden]; with `positions=post_instruction` also
-  `{label}_positions_sum` [num_layers, k, hidden] and `{label}_positions_sumsq` [num_layers, k].
-These give class means and the within-class spread E|x|^2 - |mean|^2, not the variance along the
-refusal direction (that would need a hidden x hidden second moment per layer): measure writes NaN there.
-
-Under `accelerate launch`/`torchrun` each process reads a contiguous shard of each prompt set and the
-shards are gathered in prompt order; only the main process writes files.
+Artifacts: `activations.safetensors`, `prompts.jsonl` (the exact rendered prompts) and `meta.json`, in
+the format `pipeline.collection` documents. Under `accelerate launch`/`torchrun` every process runs
+this stage on its shard of the prompts; only the main process writes files.
 """
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
-
 import torch
 
-from pipeline import distributed
-from pipeline.activations import (
-    POSITIONS,
-    ResidualBatch,
-    num_layers_and_hidden,
-    position_span,
-    prompt_tokens,
-    render_prompts,
-    residual_batches,
-)
-from pipeline.architectures import is_moe
-from pipeline.artifacts import save_tensors, write_json
-from pipeline.errors import PipelineError
-from pipeline.models import load_model, model_fingerprint, resolve_model_dir
+from pipeline import distributed, input_digests
+from pipeline.collection import LABELS, artifact_meta, collect_class, validate, write_artifact
+from pipeline.models import load_model, model_fingerprint
 from pipeline.prompt_sets import prompt_splits
 from pipeline.stage import Stage, StageContext
 
-LABELS = ("harmful", "harmless")
-
-
-def input_digest(config: Mapping[str, Any], model_store: Path) -> dict[str, str]:
-    """Prompt file contents and the checkpoint's identity: editing either invalidates the cache."""
-    hashes = prompt_splits(config["prompts"]).hashes
-    model_dir = resolve_model_dir(config["model"], model_store)
-    return {"harmful": hashes["harmful"], "harmless": hashes["harmless"], "model": model_fingerprint(model_dir)}
-
-
-def validate(config: Mapping[str, Any]) -> None:
-    """Refuse bad `collect.*` values in one line before any model is loaded (the runner calls this first)."""
-    settings = config["collect"]
-    if settings["positions"] not in POSITIONS:
-        raise PipelineError(f"collect.positions={settings['positions']!r} is not one of {', '.join(POSITIONS)}")
-    size = settings["batch_size"]
-    if size != "auto" and (isinstance(size, bool) or not isinstance(size, int) or size < 1):
-        raise PipelineError(f"collect.batch_size={size!r} must be a positive integer or auto")
-    if not isinstance(settings["keep_activations"], bool):
-        raise PipelineError(f"collect.keep_activations={settings['keep_activations']!r} must be true or false")
-
-
-def kept_tensors(
-    label: str, batches: Iterable[ResidualBatch], rows: int, shape: tuple[int, int, int], positions: str
-) -> dict[str, torch.Tensor]:
-    """Every prompt's activations in prompt order; `shape` is (num_layers, span, hidden)."""
-    num_layers, span, hidden = shape
-    layers = torch.empty((rows, num_layers, span, hidden))
-    embed = torch.empty((rows, span, hidden))
-    for batch in batches:
-        layers[batch.indices] = batch.layers
-        embed[batch.indices] = batch.embed
-    tensors = {label: layers.mean(dim=2), f"{label}_embed": embed.mean(dim=1)}  # exact for span 1
-    if positions == "post_instruction":
-        tensors[f"{label}_positions"] = layers
-    return tensors
-
-
-def streamed_tensors(
-    label: str, batches: Iterable[ResidualBatch], shape: tuple[int, int, int], positions: str
-) -> dict[str, torch.Tensor]:
-    """float64 sums over prompts of the activations and of their squared norms."""
-    num_layers, span, hidden = shape
-    sums = {
-        f"{label}_sum": torch.zeros((num_layers, hidden), dtype=torch.float64),
-        f"{label}_sumsq": torch.zeros(num_layers, dtype=torch.float64),
-        f"{label}_embed_sum": torch.zeros(hidden, dtype=torch.float64),
-    }
-    if positions == "post_instruction":
-        sums[f"{label}_positions_sum"] = torch.zeros((num_layers, span, hidden), dtype=torch.float64)
-        sums[f"{label}_positions_sumsq"] = torch.zeros((num_layers, span), dtype=torch.float64)
-    count = 0
-    for batch in batches:
-        reduced = batch.layers.mean(dim=2).double()
-        sums[f"{label}_sum"] += reduced.sum(dim=0)
-        sums[f"{label}_sumsq"] += reduced.square().sum(dim=(0, 2))
-        sums[f"{label}_embed_sum"] += batch.embed.mean(dim=1).double().sum(dim=0)
-        if positions == "post_instruction":
-            per_position = batch.layers.double()
-            sums[f"{label}_positions_sum"] += per_position.sum(dim=0)
-            sums[f"{label}_positions_sumsq"] += per_position.square().sum(dim=(0, 3))
-        count += len(batch.indices)
-    sums[f"{label}_count"] = torch.tensor(count, dtype=torch.int64)
-    return sums
-
-
-def collect_class(
-    model,
-    tokenizer,
-    prompts: Sequence[str],
-    label: str,
-    positions: str = "last",
-    keep_activations: bool = True,
-    batch_size: int | str = 16,
-    progress: bool = True,
-) -> dict[str, torch.Tensor]:
-    """The artifact tensors of one class; in a data-parallel launch this process reads only its shard."""
-    tokens = prompt_tokens(tokenizer, prompts)
-    span = position_span(tokenizer, tokens, positions)
-    num_layers, hidden = num_layers_and_hidden(model)
-    start, stop = distributed.shard_bounds(len(tokens))
-    batches = residual_batches(
-        model, tokens[start:stop], tokenizer.pad_token_id, batch_size, span, progress, f"collect {label}"
-    )
-    shape = (num_layers, span, hidden)
-    if keep_activations:
-        local = kept_tensors(label, batches, stop - start, shape, positions)
-        return {name: distributed.gather_rows(tensor, len(tokens)).contiguous() for name, tensor in local.items()}
-    return {name: distributed.sum_across(tensor) for name, tensor in streamed_tensors(label, batches, shape, positions).items()}
-
 
 def run(ctx: StageContext) -> None:
-    validate(ctx.config)
     settings = ctx.config["collect"]
-    positions, keep = settings["positions"], settings["keep_activations"]
     main = distributed.is_main_process()
     splits = prompt_splits(ctx.config["prompts"])
     model_cfg = dict(ctx.config["model"])
-    model_cfg["device_map"] = distributed.local_device_map(model_cfg.get("device_map"))
+    model_cfg["device_map"] = distributed.local_device_map(model_cfg["device_map"])
     model, tokenizer, model_dir = load_model(model_cfg, ctx.model_store, settings["dtype"], ctx.progress and main)
-    sets = {"harmful": splits.harmful_train, "harmless": splits.harmless_train}
+    sets = dict(zip(LABELS, (splits.harmful_train, splits.harmless_train)))
     tensors: dict[str, torch.Tensor] = {}
     for label, prompts in sets.items():
         tensors.update(
-            collect_class(model, tokenizer, prompts, label, positions, keep, settings["batch_size"], ctx.progress and main)
+            collect_class(
+                model, tokenizer, prompts, label, settings["positions"], settings["keep_activations"],
+                settings["batch_size"], ctx.progress and main,
+            )
         )
     ctx.manifest_extra["world_size"] = distributed.world_size()
-    if not main:
-        return
-    text_config = model.config.get_text_config()
-    num_layers, _ = num_layers_and_hidden(model)
-    first = prompt_tokens(tokenizer, sets["harmful"][:1])[0]
-    span = position_span(tokenizer, [first], positions)
-    meta = {
-        "model_id": str(ctx.config["model"]["id"]),
-        "model_fingerprint": model_fingerprint(model_dir),
-        "model_type": model.config.model_type,
-        "hidden_size": text_config.hidden_size,
-        "num_layers": num_layers,
-        "is_moe": is_moe(text_config.to_dict()),
-        "position": positions,
-        "position_tokens": span,
-        "position_text": tokenizer.decode(first[-span:]),
-        "activations": "kept" if keep else "streamed",
-        "harmful_sha256": splits.hashes["harmful"],
-        "harmless_sha256": splits.hashes["harmless"],
-        "n_harmful": len(splits.harmful_train),
-        "n_harmless": len(splits.harmless_train),
-        "dtype": settings["dtype"],
-        "hidden_state_index": "layer axis index i is the output of decoder layer i (0-based); *_embed is the embedding output",
-    }
-    save_tensors(tensors, ctx.out_dir / "activations.safetensors", metadata={k: _meta_text(v) for k, v in meta.items()})
-    write_json(ctx.out_dir / "meta.json", meta)
-    with open(ctx.out_dir / "prompts.jsonl", "w", encoding="utf-8") as handle:
-        for label, prompts in sets.items():
-            for index, (prompt, rendered) in enumerate(zip(prompts, render_prompts(tokenizer, prompts))):
-                handle.write(json.dumps({"set": label, "index": index, "prompt": prompt, "rendered": rendered}) + "\n")
-
-
-def _meta_text(value: Any) -> str:
-    return str(value).lower() if isinstance(value, bool) else str(value)
+    if main:
+        meta = artifact_meta(model, tokenizer, str(model_cfg["id"]), model_fingerprint(model_dir, ctx.model_store), splits, settings)
+        write_artifact(ctx.out_dir, tensors, meta, sets, tokenizer)
 
 
 STAGE = Stage(
@@ -196,7 +44,7 @@ STAGE = Stage(
     needs=(),
     config_keys=("model", "prompts", "collect"),
     run=run,
-    input_digest=input_digest,
+    input_digest=input_digests.prompts_and_model,
     validate=validate,
     data_parallel=True,
 )

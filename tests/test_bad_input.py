@@ -26,8 +26,8 @@ from omegaconf import OmegaConf
 from pipeline.architectures import ARCHITECTURES
 from pipeline.models import resolve_model_dir
 from pipeline.regen import main as regen_main
-from pipeline.stages.measure import COPIED_METADATA, DIRECTION_TENSORS, STATISTIC_TENSORS, Measurements, write_measurements
-from tiny_pipeline import SMALL, compose_config, model_store, reference, run_cli, run_command, snapshot  # noqa: F401
+from pipeline.measurement import COPIED_METADATA, DIRECTION_TENSORS, STATISTIC_TENSORS, Measurements, write_measurements
+from tiny_pipeline import SMALL, compose_config, run_cli, run_command, snapshot
 
 
 @dataclass(frozen=True)
@@ -140,7 +140,8 @@ ROWS = {
     "unknown model preset": Row(("model=nope",), ("model=nope: no such model preset; choose one of", "qwen25_coder_05b", "tiny_moe")),
     "mode.top_n not a number": Row(("mode.top_n=abc",), ("mode.top_n must be an integer, got 'abc'",)),
     "override syntax": Row(("run.stages=[collect",), ("cannot parse override 'run.stages=[collect'",)),
-    "unknown config key": Row(("mode.nope=3",), ("Could not override 'mode.nope'", "use +mode.nope=3")),
+    "unknown config key": Row(("mode.nope=3",), ("mode.nope is not a setting; remove it",)),
+    "misspelled config key": Row(("mode.top_m=3",), ("mode.top_m is not a setting; did you mean mode.top_n?",)),
     "missing local model dir": Row(
         ("model.source=local", "model.id=/nonexistent"), ("model directory /nonexistent does not exist; set model.id",)
     ),
@@ -205,7 +206,7 @@ ROWS = {
 
 
 @pytest.fixture
-def scene(tmp_path: Path, reference, model_store: Path) -> Scene:  # noqa: F811
+def scene(tmp_path: Path, reference, model_store: Path) -> Scene:
     reference_cache, summary = reference
     shutil.copytree(reference_cache, tmp_path / "cache")
     return Scene(tmp=tmp_path, cache=tmp_path / "cache", store=model_store, reference=summary)
@@ -260,7 +261,7 @@ def settings_file(folder: Path) -> None:
     config = compose_config(list(SMALL))
     mode = {key: value for key, value in OmegaConf.to_container(config.mode, resolve=True).items() if key != "presets"}
     folder.mkdir(parents=True)
-    (folder / "select.yaml").write_text(yaml.safe_dump({"mode": mode, "select": OmegaConf.to_container(config.select)}))
+    (folder / "select.yaml").write_text(yaml.safe_dump({"mode": mode, "select": OmegaConf.to_container(config.select, enum_to_str=True)}))
 
 
 def foreign_measurement(folder: Path, plan: Path) -> None:
@@ -287,7 +288,7 @@ REGEN_ROWS = {
 
 
 @pytest.mark.parametrize("name", list(REGEN_ROWS))
-def test_bad_input_regen(name, tmp_path, reference, capsys):  # noqa: F811
+def test_bad_input_regen(name, tmp_path, reference, capsys):
     build, says = REGEN_ROWS[name]
     folder = tmp_path / "plans" / "borrowed"
     settings_file(folder)

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import re
 import json
 from pathlib import Path
 
 import pytest
+from hydra.errors import HydraException
 import torch
 from safetensors.torch import load_file
 from transformers import Qwen2Config, Qwen2ForCausalLM
@@ -14,8 +16,8 @@ from pipeline import distributed
 from pipeline.activations import post_instruction_ids, prompt_tokens
 from pipeline.errors import PipelineError
 from pipeline.models import byte_level_tokenizer, load_model
-from pipeline.stages.collect import collect_class
-from tiny_pipeline import compose_config, model_store, pipeline_command, run_command, run_in_process  # noqa: F401
+from pipeline.collection import collect_class
+from tiny_pipeline import compose_config, pipeline_command, run_command, run_in_process
 
 PROMPTS = [
     "hi",
@@ -111,7 +113,7 @@ def test_auto_batch_size_backs_off_on_out_of_memory_to_a_fixed_size_run(tiny, mo
         collect_class(model, tokenizer, PROMPTS, "harmful", "last", True, 3, False)
 
 
-def test_disk_offloaded_layers_give_the_same_activations(model_store, tmp_path):  # noqa: F811
+def test_disk_offloaded_layers_give_the_same_activations(model_store, tmp_path):
     """Layers alternately on the CPU and offloaded to disk (weights on the meta device between calls)."""
     model_cfg = dict(compose_config(["model=tiny"]).model)
     placed = {"model.embed_tokens": "disk", "model.rotary_emb": "cpu", "model.norm": "cpu", "lm_head": "disk"}
@@ -125,7 +127,7 @@ def test_disk_offloaded_layers_give_the_same_activations(model_store, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def single_process(tmp_path_factory: pytest.TempPathFactory, model_store) -> dict[str, Path]:  # noqa: F811
+def single_process(tmp_path_factory: pytest.TempPathFactory, model_store) -> dict[str, Path]:
     """{"kept" | "streamed": cache dir} of in-process collect + measure runs with the data-parallel test's config."""
     caches = {}
     for label, keep in (("kept", "true"), ("streamed", "false")):
@@ -168,18 +170,23 @@ def relative_paths(root: Path) -> list[str]:
     return sorted(str(path.relative_to(root)) for path in root.rglob("*"))
 
 
+def test_bad_settings_fail_before_any_work(tmp_path):
+    with pytest.raises(PipelineError, match="collect.batch_size=0 must be a positive integer or auto"):
+        run_in_process(["collect.batch_size=0", f"cache.dir={tmp_path / 'cache'}", f"cache.models={tmp_path / 'models'}"])
+    assert not (tmp_path / "models").exists(), "validation runs before the model is materialized"
+
+
 @pytest.mark.parametrize(
     ("override", "message"),
     [
-        ("collect.positions=first", "collect.positions='first' is not one of last, post_instruction, post_instruction_mean"),
-        ("collect.batch_size=0", "collect.batch_size=0 must be a positive integer or auto"),
-        ("collect.keep_activations=maybe", "collect.keep_activations='maybe' must be true or false"),
+        ("collect.positions=first", "Invalid value 'first', expected one of \\[last, post_instruction, post_instruction_mean\\]"),
+        ("collect.keep_activations=maybe", "Value 'maybe' is not a valid bool"),
     ],
 )
-def test_bad_settings_fail_before_any_work(override, message, tmp_path):
-    with pytest.raises(PipelineError, match=message):
-        run_in_process([override, f"cache.dir={tmp_path / 'cache'}", f"cache.models={tmp_path / 'models'}"])
-    assert not (tmp_path / "models").exists(), "validation runs before the model is materialized"
+def test_settings_of_the_wrong_type_fail_when_the_config_is_composed(override, message):
+    with pytest.raises(HydraException) as raised:
+        compose_config([override])
+    assert re.search(message, str(raised.value.__cause__)), str(raised.value.__cause__)
 
 
 def test_contiguous_shards_cover_the_prompts_in_order():
@@ -191,7 +198,7 @@ def test_contiguous_shards_cover_the_prompts_in_order():
         assert max(sizes) - min(sizes) <= 1 and sizes == sorted(sizes, reverse=True)
 
 
-def test_two_processes_write_what_one_process_writes(single_process, model_store, tmp_path):  # noqa: F811
+def test_two_processes_write_what_one_process_writes(single_process, model_store, tmp_path):
     """torchrun with 2 CPU processes (gloo): same key, same activations, one writer."""
     cache = tmp_path / "cache"
     python, *arguments = pipeline_command(*DP_OVERRIDES, f"cache.dir={cache}", f"cache.models={model_store}", f"hydra.run.dir={tmp_path / 'run'}")

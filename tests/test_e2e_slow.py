@@ -4,7 +4,7 @@ overrides removes refusals without damaging the model.
 Slow (the whole pipeline on Qwen2.5-Coder-0.5B-Instruct on CPU: tens of minutes), so marked `slow` and
 deselected in CI (`-m "not slow"`). Run it with `pytest -m slow tests/test_e2e_slow.py`.
 
-The plan comes from the defaults in `pipeline/conf` (composed at run time), never from this file: when
+The plan comes from the defaults in `conf/` (composed at run time), never from this file: when
 the defaults change, this test judges the new defaults. The packaged model is materialized once per
 test session into a session model store; set ABLITERATE_TEST_MODEL_STORE to an existing store
 (e.g. outputs/cache/models) to reuse a model materialized earlier.

@@ -24,13 +24,11 @@ import yaml
 from pipeline import artifacts
 from pipeline.models import resolve_model_dir
 from pipeline.stages import registry
-from tiny_pipeline import (  # noqa: F401
+from tiny_pipeline import (
     ROOT,
     STAGES,
     compose_config,
-    model_store,
     pipeline_command,
-    reference,
     run_in_process,
     run_killed_at,
     snapshot,
@@ -75,7 +73,7 @@ def affected_by(stage: str) -> list[str]:
 
 
 @pytest.mark.parametrize("stage", STAGES)
-def test_sigkill_inside_a_stage_leaves_only_a_temporary_and_the_rerun_resumes(stage, tmp_path, reference, model_store):  # noqa: F811
+def test_sigkill_inside_a_stage_leaves_only_a_temporary_and_the_rerun_resumes(stage, tmp_path, reference, model_store):
     """The cache starts with every artifact the stage does not affect, as a run killed there would leave it."""
     reference_cache, reference_summary = reference
     unaffected = [name for name in STAGES if name not in affected_by(stage)]
@@ -97,7 +95,7 @@ def test_sigkill_inside_a_stage_leaves_only_a_temporary_and_the_rerun_resumes(st
     assert_same_outcome(cache, summary, reference_summary)
 
 
-def test_kill_9_from_outside_during_collect_then_the_rerun_completes(tmp_path, reference, model_store):  # noqa: F811
+def test_kill_9_from_outside_during_collect_then_the_rerun_completes(tmp_path, reference, model_store):
     cache = tmp_path / "cache"
     overrides = [f"cache.dir={cache}", f"cache.models={model_store}", "run.stages=[collect]"]
     job = subprocess.Popen(
@@ -133,7 +131,7 @@ PRIMARY_FILE = {
 }
 
 
-def test_every_artifact_file_of_every_stage_is_covered_by_verify(reference):  # noqa: F811
+def test_every_artifact_file_of_every_stage_is_covered_by_verify(reference):
     reference_cache, reference_summary = reference
     checked = 0
     for stage, info in reference_summary["stages"].items():
@@ -152,7 +150,7 @@ def test_every_artifact_file_of_every_stage_is_covered_by_verify(reference):  # 
 
 
 @pytest.mark.parametrize("stage", STAGES)
-def test_a_flipped_byte_is_detected_and_the_stage_recomputed_to_the_same_bytes(stage, tmp_path, reference, model_store, caplog):  # noqa: F811
+def test_a_flipped_byte_is_detected_and_the_stage_recomputed_to_the_same_bytes(stage, tmp_path, reference, model_store, caplog):
     reference_cache, reference_summary = reference
     cache = tmp_path / "cache"
     copy_stages(reference_cache, cache, list(STAGES))
@@ -172,7 +170,7 @@ def test_a_flipped_byte_is_detected_and_the_stage_recomputed_to_the_same_bytes(s
     assert artifacts.sha256_file(target) == expected, "recomputed bytes differ from the uncorrupted artifact"
 
 
-def test_the_model_card_names_the_source_the_plan_and_the_cache_keys(reference):  # noqa: F811
+def test_the_model_card_names_the_source_the_plan_and_the_cache_keys(reference):
     """The ablated model's README.md carries its provenance: the lineage of cache keys (ablate and every
     stage it was derived from, not the unrelated baseline), the source and each planned layer."""
     _cache, summary = reference
@@ -188,7 +186,7 @@ def test_the_model_card_names_the_source_the_plan_and_the_cache_keys(reference):
         assert f"| {entry['layer']} | {entry['direction_from']} |" in card
 
 
-def test_the_source_model_is_never_written(tmp_path, reference, model_store):  # noqa: F811
+def test_the_source_model_is_never_written(tmp_path, reference, model_store):
     source = tmp_path / "read-only-model"
     shutil.copytree(resolve_model_dir(compose_config(["model=tiny"]).model, model_store), source)
     (source / artifacts.MANIFEST).unlink()  # a user's checkpoint has no manifest of ours

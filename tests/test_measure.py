@@ -14,9 +14,9 @@ from transformers import Qwen2Config, Qwen2Model
 
 from pipeline.errors import PipelineError
 from pipeline.stage import StageContext
+from pipeline.measurement import layers_by_quality, read_measurements
+from pipeline.selection import select_layers, settings_from_config
 from pipeline.stages import measure
-from pipeline.stages.measure import read_measurements
-from pipeline.stages.select import select_layers, settings_from_config
 
 
 def fabricate_collect(directory: Path, harmful: torch.Tensor, harmless: torch.Tensor, **meta_overrides: str) -> Path:
@@ -46,11 +46,11 @@ def fabricate_collect(directory: Path, harmful: torch.Tensor, harmless: torch.Te
     return directory
 
 
-def run_measure(tmp_path: Path, collect_dir: Path, formula_version: int = 1) -> Path:
+def run_measure(tmp_path: Path, collect_dir: Path) -> Path:
     out_dir = tmp_path / "measure_out"
     out_dir.mkdir()
     ctx = StageContext(
-        config={"measure": {"formula_version": formula_version}},
+        config={},
         out_dir=out_dir,
         inputs={"collect": collect_dir},
         model_store=tmp_path / "models",
@@ -96,7 +96,7 @@ def test_formulas_match_hand_computed_values(tmp_path):
 
 
 def test_rank_ties_go_to_the_lower_layer():
-    assert measure.layers_by_quality([0.1, 0.3, 0.3, 0.2]) == [1, 2, 3, 0]
+    assert layers_by_quality([0.1, 0.3, 0.3, 0.2]) == [1, 2, 3, 0]
 
 
 def test_collect_artifact_that_disagrees_with_its_metadata_is_refused(tmp_path):
@@ -104,12 +104,6 @@ def test_collect_artifact_that_disagrees_with_its_metadata_is_refused(tmp_path):
     collect_dir = fabricate_collect(tmp_path / "collect", data, data.clone(), hidden_size="8")
     with pytest.raises(PipelineError, match=r"tensor harmful has shape \[2, 3, 4\], expected \[n >= 1, 3, 8\]"):
         run_measure(tmp_path, collect_dir)
-
-
-def test_unknown_formula_version_is_refused(tmp_path):
-    data = torch.ones(2, 3, 4)
-    with pytest.raises(PipelineError, match="measure.formula_version=2 is unknown"):
-        run_measure(tmp_path, fabricate_collect(tmp_path / "collect", data, data.clone()), formula_version=2)
 
 
 # --- a direction planted in a real (tiny, random) model --------------------------------------------------------

@@ -21,10 +21,11 @@ from omegaconf import OmegaConf
 from pipeline import artifacts
 from pipeline.cache import collect_garbage
 from pipeline.cache import main as cache_main
-from pipeline.runner import NON_SEMANTIC_KEYS, Runner, cache_key, lock_path
+from pipeline.runner import NON_SEMANTIC_KEYS, Runner, cache_key
 from pipeline.stage import Stage, StageContext
+from pipeline.store import ArtifactStore
 from pipeline.stages import registry
-from tiny_pipeline import ROOT, model_store, pipeline_command, run_cli, subprocess_env, temporaries  # noqa: F401
+from tiny_pipeline import ROOT, pipeline_command, run_cli, subprocess_env, temporaries
 
 OUTPUT = "out.json"
 
@@ -130,7 +131,7 @@ def test_golden_cache_keys():
     values = {"collect": {"batch_size": 16, "dtype": "float32", "positions": "last"}}
     assert cache_key(stage, values, {}, {"harmful": "ab" * 32}) == "041ec65c1523c663"
     measure = registry()["measure"]
-    assert cache_key(measure, {"measure": {"formula_version": 1}}, {"collect": "0" * 16}, {}) == "c42480764c2993e8"
+    assert cache_key(measure, {}, {"collect": "0" * 16}, {}) == "24d34b1c8e74e8c6"
 
 
 # --- trusting the cache ------------------------------------------------------------------------
@@ -220,7 +221,7 @@ def test_the_runner_removes_a_temporary_only_once_its_writer_is_gone(tmp_path, c
     live_tmp = cache / "first" / f".tmp-{first_key}-4242-0123abcd"
     live_tmp.mkdir()
     (live_tmp / "partial").write_text("being written")
-    holder = hold_lock(lock_path(cache / "first" / first_key))
+    holder = hold_lock(ArtifactStore(cache / "first").lock_path(first_key))
     try:
         runner = Runner(config, fake_registry(), cache_dir=cache, model_store=tmp_path)
         worker = threading.Thread(target=runner.run, args=(["first"],))
@@ -244,12 +245,13 @@ def test_cache_gc_removes_stale_temporaries_and_keeps_live_ones(tmp_path, capsys
     cache, models = tmp_path / "cache", tmp_path / "cache" / "models"
     stale = cache / "collect" / f".tmp-{'a' * 16}-111-0123abcd"
     live = cache / "measure" / f".tmp-{'b' * 16}-222-4567cdef"
-    stale_model = models / ".tmp-tiny-0123456789abcdef-333"
+    stale_model = models / ".tmp-tiny-0123456789abcdef-333-89abcdef"
+    foreign = models / ".tmp-other-program-444"
     finished = cache / "collect" / ("c" * 16)
-    for directory in (stale, live, stale_model, finished):
+    for directory in (stale, live, stale_model, foreign, finished):
         directory.mkdir(parents=True)
         (directory / "data.bin").write_bytes(b"\0" * 2**20)
-    holder = hold_lock(lock_path(cache / "measure" / ("b" * 16)))
+    holder = hold_lock(ArtifactStore(cache / "measure").lock_path("b" * 16))
     try:
         assert cache_main(["gc", "--cache-dir", str(cache)]) == 0
     finally:
@@ -263,6 +265,7 @@ def test_cache_gc_removes_stale_temporaries_and_keeps_live_ones(tmp_path, capsys
         "gc: removed 2 stale temporaries (2.0 MiB), kept 1 in use",
     ]
     assert not stale.exists() and not stale_model.exists() and live.exists() and finished.exists()
+    assert foreign.exists(), "gc removes only temporaries named the way the store names them"
     assert cache_main(["gc", "--cache-dir", str(tmp_path / "missing")]) == 2
     assert capsys.readouterr().err.startswith(f"error: cache dir {tmp_path / 'missing'} does not exist")
 
@@ -270,7 +273,7 @@ def test_cache_gc_removes_stale_temporaries_and_keeps_live_ones(tmp_path, capsys
 # --- the CLI: parallel runs, run.json, a second run is cached -----------------------------------
 
 
-def test_two_parallel_runs_share_one_artifact_and_both_succeed(tmp_path, model_store):  # noqa: F811
+def test_two_parallel_runs_share_one_artifact_and_both_succeed(tmp_path, model_store):
     cache = tmp_path / "cache"
     jobs = [
         subprocess.Popen(
@@ -290,7 +293,7 @@ def test_two_parallel_runs_share_one_artifact_and_both_succeed(tmp_path, model_s
 
 
 def test_run_json_and_a_second_identical_run_is_cached_without_a_forward_pass(
-    tmp_path, model_store, capsys, monkeypatch  # noqa: F811
+    tmp_path, model_store, capsys, monkeypatch
 ):
     args = ["model=tiny", "prompts.n_train=16", "prompts.n_eval=8", "run.progress=false", "run.stages=[collect]",
             f"cache.dir={tmp_path / 'cache'}", f"cache.models={model_store}"]

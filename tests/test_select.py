@@ -13,11 +13,11 @@ from omegaconf import OmegaConf
 from tiny_pipeline import select_defaults
 
 from pipeline.errors import PipelineError
-from pipeline.plan import check_measurement_matches, plan_to_text, read_plan, write_plan
+from pipeline.measurement import Measurements, check_measurement_matches, read_measurements, write_measurements
+from pipeline.plan import plan_to_text, read_plan, write_plan
 from pipeline.stage import StageContext
 from pipeline.stages import select
-from pipeline.stages.measure import Measurements, read_measurements, write_measurements
-from pipeline.stages.select import (
+from pipeline.selection import (
     build_plan,
     direction_source_layer,
     select_layers,
@@ -26,7 +26,7 @@ from pipeline.stages.select import (
 
 MODE_DIR = Path(__file__).resolve().parents[1] / "conf" / "mode"
 
-# The design note's worked example (GLM-4.5-Air, 46 layers): 0-14 below 0.012, 15-20 at 0.0185-0.0431, rest below.
+# The design's worked example (shared/DESIGN.md, GLM-4.5-Air, 46 layers): 0-14 below 0.012, 15-20 at 0.0185-0.0431, rest below.
 GLM_PEAK = {15: 0.0185, 16: 0.0262, 17: 0.0431, 18: 0.0397, 19: 0.0314, 20: 0.0220}
 GLM_QUALITY = [GLM_PEAK.get(layer, 0.002 + 0.0004 * (layer % 23)) for layer in range(46)]
 

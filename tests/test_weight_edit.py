@@ -11,6 +11,7 @@ import errno
 import hashlib
 import json
 import os
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -21,12 +22,13 @@ from safetensors import safe_open
 from transformers import AutoConfig, AutoModelForCausalLM, Gemma3Config
 
 from pipeline.architectures import decoder_layers, get_architecture, residual_writers
+from pipeline.checkpoint_copy import edit_checkpoint
 from pipeline.errors import PipelineError
+from pipeline.stages.ablate import model_card
 from pipeline.weight_edit import (
     apply_plan_in_memory,
     direction_for,
     directions_for_method,
-    edit_checkpoint,
     norm_preserving,
     orthogonalize,
 )
@@ -215,7 +217,7 @@ def test_edited_checkpoint_matches_hooked_model(model_type: str, tmp_path: Path)
     ])
     r0, r2 = direction_for(directions, 0.4), direction_for(directions, 2)
 
-    report = edit_checkpoint(source, tmp_path / "out", plan, directions, progress=False)
+    report = edit_checkpoint(source, tmp_path / "out", plan, directions, progress=False, card=partial(model_card, plan, {}))
 
     assert sha256s(source) == before
     assert report["source"] == str(source.resolve())
@@ -448,7 +450,7 @@ def run_ablate_stage(tmp_path: Path, model_cfg: dict[str, Any], run_name: str) -
     from pipeline.plan import write_plan
     from pipeline.stage import StageContext
     from pipeline.stages.ablate import STAGE
-    from pipeline.stages.measure import (
+    from pipeline.measurement import (
         COPIED_METADATA, DIRECTION_TENSORS, STATISTIC_TENSORS, Measurements, read_measurements, write_measurements,
     )
 
@@ -503,19 +505,19 @@ def test_ablate_stage_edits_the_resolved_checkpoint(tmp_path: Path) -> None:
 def test_local_source_hashes_are_remembered_until_a_file_changes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A local checkpoint is hashed on its first ablate; the next ablate (a sweep's next point) takes the
     remembered sums, and a rewritten file, even with the same size, is hashed again."""
-    import pipeline.weight_edit
+    import pipeline.checkpoint_copy
 
     source_dir = save(tiny_model("llama"), tmp_path / "local-llama", sharded=True)
     model_cfg = {"name": "local_llama", "source": "local", "id": str(source_dir), "revision": None}
     hashed: list[str] = []
-    real_sha256 = pipeline.weight_edit.sha256_file
+    real_sha256 = pipeline.checkpoint_copy.sha256_file
 
     def counting_sha256(path: Path) -> str:
         if Path(path).parent == source_dir:  # the stage also hashes what it writes, for its manifest
             hashed.append(Path(path).name)
         return real_sha256(path)
 
-    monkeypatch.setattr(pipeline.weight_edit, "sha256_file", counting_sha256)
+    monkeypatch.setattr(pipeline.checkpoint_copy, "sha256_file", counting_sha256)
 
     first, _ = run_ablate_stage(tmp_path, model_cfg, "first")
     truth = sha256s(source_dir)

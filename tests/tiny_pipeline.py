@@ -1,8 +1,6 @@
-"""Shared helpers for the reliability tests: the tiny pipeline in process, as a CLI, and cache snapshots.
+"""Shared helpers for the tests: the tiny pipeline in process, as a CLI, killed at a stage, and cache snapshots.
 
-Imported by test_runner.py, test_faults.py and test_bad_input.py. The session fixtures here write into
-pytest's base temp directory under fixed names, so the second module that asks for the reference run
-finds every stage in the cache and pays only for key computation.
+The session fixtures built on these are in conftest.py.
 """
 
 from __future__ import annotations
@@ -137,17 +135,3 @@ def snapshot(*directories: Path) -> dict[str, str]:
 
 def temporaries(cache: Path) -> list[Path]:
     return sorted(cache.rglob(".tmp-*"))
-
-
-@pytest.fixture(scope="session")
-def model_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """One materialized tiny model for every test (`cache.models=<this>`)."""
-    return tmp_path_factory.getbasetemp() / "shared-model-store"
-
-
-@pytest.fixture(scope="session")
-def reference(tmp_path_factory: pytest.TempPathFactory, model_store: Path) -> tuple[Path, dict]:
-    """(cache dir, run.json) of one uninterrupted SMALL run of every stage: what faulted runs must reproduce."""
-    cache = tmp_path_factory.getbasetemp() / "reference-cache"
-    summary = run_in_process([f"cache.dir={cache}", f"cache.models={model_store}"])
-    return cache, summary

@@ -17,7 +17,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from pipeline.stages.measure import measure_activations, write_measurements
+from pipeline.measurement import write_measurements
+from pipeline.refusal_direction import measure_activations
 
 NUM_LAYERS, HIDDEN, SAMPLES = 24, 64, 32
 FOLDER = Path(__file__).resolve().parent
@@ -58,7 +59,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as scratch:
         activations = Path(scratch) / "activations.safetensors"
         save_file({"harmful": harmful, "harmless": harmless}, str(activations), metadata=meta)
-        measurements = measure_activations(activations, formula_version=1)
+        measurements = measure_activations(activations)
     write_measurements(FOLDER / "measurements.safetensors", measurements)
     print("quality by layer:", ", ".join(f"{q:.4f}" for q in measurements.quality))
 
