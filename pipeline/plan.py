@@ -18,6 +18,7 @@ from typing import Any, Mapping
 
 from pipeline.errors import PipelineError
 from pipeline.safe_yaml import load_yaml_file
+from pipeline.schema import SCALE_RANGE
 
 METHODS = ("orthogonal", "norm_preserving")
 DIRECTION_SOURCES = ("own", "best")
@@ -52,9 +53,6 @@ _LAYER_OPTIONAL = {"quality": float, "attn_scale": float, "mlp_scale": float}
 `attn_scale` / `mlp_scale` override `scale` for the attention output / the MLP down projections."""
 
 
-SCALE_RANGE = (0.0, 4.0)
-"""Allowed ablation scales: 0 leaves a matrix as it is, 1 removes the direction, above 1 writes its opposite.
-Beyond 4 the edited weights' norms grow without bound (at 1e36 every logit of the model is 0)."""
 MAX_TEXT = 500
 """Longest string a plan may hold; strings are single-line printable text (they go into a model card header)."""
 

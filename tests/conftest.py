@@ -8,9 +8,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import shutil
+
 import pytest
 
-from tiny_pipeline import run_in_process
+from tiny_pipeline import Scene, run_in_process
 
 
 @pytest.fixture(scope="session")
@@ -25,3 +27,10 @@ def reference(tmp_path_factory: pytest.TempPathFactory, model_store: Path) -> tu
     cache = tmp_path_factory.getbasetemp() / "reference-cache"
     summary = run_in_process([f"cache.dir={cache}", f"cache.models={model_store}"])
     return cache, summary
+
+
+@pytest.fixture
+def scene(tmp_path: Path, reference, model_store: Path) -> Scene:
+    reference_cache, summary = reference
+    shutil.copytree(reference_cache, tmp_path / "cache")
+    return Scene(tmp=tmp_path, cache=tmp_path / "cache", store=model_store, reference=summary)

@@ -14,9 +14,7 @@ import json
 import os
 import shutil
 import sys
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import pytest
 import torch
@@ -24,46 +22,9 @@ import yaml
 from omegaconf import OmegaConf
 
 from pipeline.architectures import ARCHITECTURES
-from pipeline.models import resolve_model_dir
 from pipeline.regen import main as regen_main
 from pipeline.measurement import COPIED_METADATA, DIRECTION_TENSORS, STATISTIC_TENSORS, Measurements, write_measurements
-from tiny_pipeline import SMALL, compose_config, run_cli, run_command, snapshot
-
-
-@dataclass(frozen=True)
-class Scene:
-    """Where a row runs: a scratch dir, its cache (a copy of the reference run's), the model store, and
-    the reference run.json."""
-
-    tmp: Path
-    cache: Path
-    store: Path
-    reference: dict
-
-
-@dataclass(frozen=True)
-class Row:
-    """One bad input: the overrides typed, what the one-line message must say, how to set the scene."""
-
-    args: tuple[str, ...]
-    says: tuple[str, ...]
-    setup: Callable[[Scene], None] | None = None
-    """Writes the files the args name as {tmp}/..."""
-    patch: Callable[[pytest.MonkeyPatch], None] | None = None
-    skip_unless: Callable[[Path], str | None] | None = None
-    """Returns a reason to skip (e.g. root can read a chmod 000 file), checked after setup."""
-    env: dict[str, str] = field(default_factory=dict)
-
-
-def tiny_checkpoint(scene: Scene) -> Path:
-    """A copy of the tiny model's files without weights, to be completed by each row."""
-    source = resolve_model_dir(compose_config(["model=tiny"]).model, scene.store)
-    target = scene.tmp / "checkpoint"
-    target.mkdir()
-    for path in source.iterdir():
-        if path.is_file() and not path.name.endswith(".safetensors") and path.name != "manifest.json":
-            shutil.copyfile(path, target / path.name)
-    return target
+from tiny_pipeline import SMALL, Row, Scene, args_with, compose_config, one_line_error, run_cli, run_command, run_row, snapshot, tiny_checkpoint
 
 
 def bert_checkpoint(scene: Scene) -> None:
@@ -205,52 +166,9 @@ ROWS = {
 }
 
 
-@pytest.fixture
-def scene(tmp_path: Path, reference, model_store: Path) -> Scene:
-    reference_cache, summary = reference
-    shutil.copytree(reference_cache, tmp_path / "cache")
-    return Scene(tmp=tmp_path, cache=tmp_path / "cache", store=model_store, reference=summary)
-
-
-def one_line_error(status: int, err: str) -> str:
-    """The last stderr line, after checking it is the only error report and nothing crashed."""
-    assert status == 2, err[-3000:]
-    assert "Traceback" not in err, err[-3000:]
-    lines = [line for line in err.splitlines() if line.strip()]
-    assert lines and lines[-1].startswith("error: "), err[-3000:]
-    assert sum(line.startswith("error: ") for line in lines) == 1, err[-3000:]
-    return lines[-1]
-
-
-def args_with(base: tuple[str, ...], row_args: list[str]) -> list[str]:
-    """Base overrides minus any key the row sets itself (Hydra refuses a group chosen twice)."""
-    keys = {arg.split("=", 1)[0] for arg in row_args}
-    return [arg for arg in base if arg.split("=", 1)[0] not in keys] + row_args
-
-
 @pytest.mark.parametrize("name", list(ROWS))
 def test_bad_input(name, scene, capsys, monkeypatch):
-    row = ROWS[name]
-    tmp = scene.tmp
-    if row.setup:
-        row.setup(scene)
-    if row.skip_unless and (reason := row.skip_unless(tmp)):
-        pytest.skip(reason)
-    if row.patch:
-        row.patch(monkeypatch)
-    for key, value in row.env.items():
-        monkeypatch.setenv(key, value)
-    base = (*SMALL, f"cache.dir={scene.cache}", f"cache.models={scene.store}", f"hydra.run.dir={tmp / 'run'}")
-    before = snapshot(scene.cache, scene.store)
-    try:
-        line = one_line_error(*run_cli(args_with(base, [arg.format(tmp=tmp) for arg in row.args]), capsys, monkeypatch))
-    finally:
-        for path in (scene.cache, tmp / "secret.txt"):
-            if path.exists():
-                path.chmod(0o755)
-    for fragment in row.says:
-        assert fragment.format(tmp=tmp) in line
-    assert snapshot(scene.cache, scene.store) == before
+    run_row(ROWS[name], scene, capsys, monkeypatch)
 
 
 # --- python -m pipeline.regen: measurements from elsewhere ---------------------------------------

@@ -9,10 +9,12 @@ import hashlib
 import logging
 import multiprocessing
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
-from typing import Sequence
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
 
 import pytest
 from hydra import compose, initialize_config_dir
@@ -20,6 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 
 import pipeline
 from pipeline.__main__ import cli, run_pipeline
+from pipeline.models import resolve_model_dir
 from pipeline.runner import FAULT_ENV
 
 ROOT = Path(pipeline.__file__).resolve().parents[1]
@@ -135,3 +138,86 @@ def snapshot(*directories: Path) -> dict[str, str]:
 
 def temporaries(cache: Path) -> list[Path]:
     return sorted(cache.rglob(".tmp-*"))
+
+
+# --- bad input: a scene (a copy of the reference run), a row of the table, and its one-line error -------
+
+
+@dataclass(frozen=True)
+class Scene:
+    """Where a row runs: a scratch dir, its cache (a copy of the reference run's), the model store, and
+    the reference run.json."""
+
+    tmp: Path
+    cache: Path
+    store: Path
+    reference: dict
+
+
+@dataclass(frozen=True)
+class Row:
+    """One bad input: the overrides typed, what the one-line message must say, how to set the scene."""
+
+    args: tuple[str, ...]
+    says: tuple[str, ...]
+    setup: Callable[[Scene], None] | None = None
+    """Writes the files the args name as {tmp}/..."""
+    patch: Callable[[pytest.MonkeyPatch], None] | None = None
+    skip_unless: Callable[[Path], str | None] | None = None
+    """Returns a reason to skip (e.g. root can read a chmod 000 file), checked after setup."""
+    env: dict[str, str] = field(default_factory=dict)
+
+
+def tiny_checkpoint(scene: Scene) -> Path:
+    """A copy of the tiny model's files without weights, to be completed by each row."""
+    source = resolve_model_dir(compose_config(["model=tiny"]).model, scene.store)
+    target = scene.tmp / "checkpoint"
+    target.mkdir()
+    for path in source.iterdir():
+        if path.is_file() and not path.name.endswith(".safetensors") and path.name != "manifest.json":
+            shutil.copyfile(path, target / path.name)
+    return target
+
+
+def one_line_error(status: int, err: str) -> str:
+    """The last stderr line, after checking it is the only error report and nothing crashed."""
+    assert status == 2, err[-3000:]
+    assert "Traceback" not in err, err[-3000:]
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert lines and lines[-1].startswith("error: "), err[-3000:]
+    assert sum(line.startswith("error: ") for line in lines) == 1, err[-3000:]
+    return lines[-1]
+
+
+def args_with(base: tuple[str, ...], row_args: list[str]) -> list[str]:
+    """Base overrides minus any key the row sets itself (Hydra refuses a group chosen twice)."""
+    keys = {arg.split("=", 1)[0] for arg in row_args}
+    return [arg for arg in base if arg.split("=", 1)[0] not in keys] + row_args
+
+
+
+
+def run_row(row: Row, scene: Scene, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Run one bad-input row through the real entry point; returns its one error line after checking it says
+    what the row expects and that neither the cache nor the model store changed."""
+    tmp = scene.tmp
+    if row.setup:
+        row.setup(scene)
+    if row.skip_unless and (reason := row.skip_unless(tmp)):
+        pytest.skip(reason)
+    if row.patch:
+        row.patch(monkeypatch)
+    for key, value in row.env.items():
+        monkeypatch.setenv(key, value)
+    base = (*SMALL, f"cache.dir={scene.cache}", f"cache.models={scene.store}", f"hydra.run.dir={tmp / 'run'}")
+    before = snapshot(scene.cache, scene.store)
+    try:
+        line = one_line_error(*run_cli(args_with(base, [arg.format(tmp=tmp) for arg in row.args]), capsys, monkeypatch))
+    finally:
+        for path in (scene.cache, tmp / "secret.txt"):
+            if path.exists():
+                path.chmod(0o755)
+    for fragment in row.says:
+        assert fragment.format(tmp=tmp) in line
+    assert snapshot(scene.cache, scene.store) == before
+    return line
