@@ -18,7 +18,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from pipeline import distributed
+from pipeline import distributed, outcome
 from pipeline.artifacts import write_json
 from pipeline.cli import run_entry_point
 from pipeline.errors import PipelineError
@@ -61,6 +61,8 @@ def run_pipeline(cfg: DictConfig, output_dir: Path | None = None) -> dict:
         raise failure
     for name, info in summary["stages"].items():
         log.info("%-8s %s %s", name, "cached  " if info["cached"] else f"{info['seconds']:7.1f}s", info["dir"])
+    if distributed.is_main_process():
+        print("\n".join(["", *outcome.finish_run(summary, output_dir, cache_dir)]), flush=True)
     return summary
 
 

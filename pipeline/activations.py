@@ -52,23 +52,44 @@ class ResidualBatch:
     """[batch, span, hidden]: the token embeddings at the same tokens."""
 
 
-def render_prompts(tokenizer, prompts: Sequence[str]) -> list[str]:
+THINKING = ("off", "on", "template")
+"""`collect.thinking` / `eval.thinking`: `off` and `on` pass `enable_thinking=False/True` to a chat template
+that reads that variable (Qwen3, DeepSeek-R1 distills' newer templates, SmolLM3...); `template` passes
+nothing. A template that does not mention `enable_thinking` is rendered unchanged by all three."""
+
+
+def thinking_kwargs(tokenizer, thinking: str = "off") -> dict[str, bool]:
+    """The extra template variable for `thinking`; transformers hands unknown keyword arguments of
+    `apply_chat_template` to the Jinja template as variables."""
+    if thinking not in THINKING:
+        raise PipelineError(f"thinking={thinking!r} is not one of {', '.join(THINKING)}")
+    template = tokenizer.chat_template
+    text = " ".join(template.values()) if isinstance(template, dict) else str(template or "")
+    if thinking == "template" or "enable_thinking" not in text:
+        return {}
+    return {"enable_thinking": thinking == "on"}
+
+
+def render_prompts(tokenizer, prompts: Sequence[str], thinking: str = "off") -> list[str]:
     """The exact text the model sees: a single user turn and the assistant header."""
+    extra = thinking_kwargs(tokenizer, thinking)
     return [
-        tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=False)
+        tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=False, **extra
+        )
         for prompt in prompts
     ]
 
 
-def prompt_tokens(tokenizer, prompts: Sequence[str]) -> list[list[int]]:
+def prompt_tokens(tokenizer, prompts: Sequence[str], thinking: str = "off") -> list[list[int]]:
     """Token ids of each rendered prompt (the template supplies every special token)."""
-    return [tokenizer(text, add_special_tokens=False)["input_ids"] for text in render_prompts(tokenizer, prompts)]
+    return [tokenizer(text, add_special_tokens=False)["input_ids"] for text in render_prompts(tokenizer, prompts, thinking)]
 
 
-def post_instruction_ids(tokenizer) -> list[int]:
+def post_instruction_ids(tokenizer, thinking: str = "off") -> list[int]:
     """Token ids of the template text after the user's message (e.g. `<|im_end|>\\n<|im_start|>assistant\\n`)."""
     marker = "\u2063MARKER\u2063"
-    rendered = render_prompts(tokenizer, [marker])[0]
+    rendered = render_prompts(tokenizer, [marker], thinking)[0]
     suffix = rendered[rendered.index(marker) + len(marker):]
     ids = tokenizer(suffix, add_special_tokens=False)["input_ids"]
     if not ids:
@@ -76,7 +97,7 @@ def post_instruction_ids(tokenizer) -> list[int]:
     return ids
 
 
-def position_span(tokenizer, token_lists: Sequence[Sequence[int]], positions: str) -> int:
+def position_span(tokenizer, token_lists: Sequence[Sequence[int]], positions: str, thinking: str = "off") -> int:
     """How many trailing tokens of every prompt `positions` reads.
 
     For the post-instruction positions, every prompt must end with exactly the template's suffix
@@ -86,7 +107,7 @@ def position_span(tokenizer, token_lists: Sequence[Sequence[int]], positions: st
         raise PipelineError(f"collect.positions={positions!r} is not one of {', '.join(POSITIONS)}")
     if positions == "last":
         return 1
-    suffix = post_instruction_ids(tokenizer)
+    suffix = post_instruction_ids(tokenizer, thinking)
     for index, tokens in enumerate(token_lists):
         if list(tokens[-len(suffix):]) != suffix or len(tokens) == len(suffix):
             raise PipelineError(

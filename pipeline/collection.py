@@ -42,6 +42,7 @@ from pipeline.activations import (
 from pipeline.architectures import is_moe
 from pipeline.artifacts import save_tensors, write_json
 from pipeline.errors import PipelineError
+from pipeline.layer_stream import LayerStream
 
 LABELS = ("harmful", "harmless")
 ACTIVATIONS = "activations.safetensors"
@@ -100,29 +101,49 @@ def streamed_tensors(
     return sums
 
 
-def collect_class(
-    model,
+def collect_class(model, tokenizer, prompts: Sequence[str], label: str, *args, **kwargs) -> dict[str, torch.Tensor]:
+    """The artifact tensors of one class (`collect_classes`' other arguments); in a data-parallel launch this
+    process reads only its shard."""
+    return collect_classes(model, tokenizer, {label: prompts}, *args, **kwargs)
+
+
+def collect_classes(
+    model,  # a loaded model, or a pipeline.layer_stream.LayerStream (collect.streaming=layers)
     tokenizer,
-    prompts: Sequence[str],
-    label: str,
+    sets: Mapping[str, Sequence[str]],
     positions: str = "last",
     keep_activations: bool = True,
     batch_size: int | str = 16,
     progress: bool = True,
+    thinking: str = "off",
 ) -> dict[str, torch.Tensor]:
-    """The artifact tensors of one class; in a data-parallel launch this process reads only its shard."""
-    tokens = prompt_tokens(tokenizer, prompts)
-    span = position_span(tokenizer, tokens, positions)
+    """The artifact tensors of every class in `sets` (label -> prompts). A LayerStream runs all classes
+    through each layer in one pass, so every weight is read once; a loaded model runs them one by one."""
+    tokens = {label: prompt_tokens(tokenizer, prompts, thinking) for label, prompts in sets.items()}
+    span = {label: position_span(tokenizer, lists, positions, thinking) for label, lists in tokens.items()}
+    bounds = {label: distributed.shard_bounds(len(lists)) for label, lists in tokens.items()}
+    local = {label: lists[bounds[label][0]:bounds[label][1]] for label, lists in tokens.items()}
+    pad = tokenizer.pad_token_id
+    if isinstance(model, LayerStream):
+        spans = set(span.values())
+        assert len(spans) == 1, spans  # 1, or the template's suffix length, for every class
+        batches = dict(zip(local, model.residual_batches_of(list(local.values()), pad, batch_size, spans.pop(), progress)))
+    else:  # lazy: one class after the other, as before
+        batches = {
+            label: residual_batches(model, lists, pad, batch_size, span[label], progress, f"collect {label}")
+            for label, lists in local.items()
+        }
     num_layers, hidden = num_layers_and_hidden(model)
-    start, stop = distributed.shard_bounds(len(tokens))
-    batches = residual_batches(
-        model, tokens[start:stop], tokenizer.pad_token_id, batch_size, span, progress, f"collect {label}"
-    )
-    shape = (num_layers, span, hidden)
-    if keep_activations:
-        local = kept_tensors(label, batches, stop - start, shape, positions)
-        return {name: distributed.gather_rows(tensor, len(tokens)).contiguous() for name, tensor in local.items()}
-    return {name: distributed.sum_across(tensor) for name, tensor in streamed_tensors(label, batches, shape, positions).items()}
+    tensors: dict[str, torch.Tensor] = {}
+    for label, (start, stop) in bounds.items():
+        shape = (num_layers, span[label], hidden)
+        if keep_activations:
+            kept = kept_tensors(label, batches[label], stop - start, shape, positions)
+            tensors.update({name: distributed.gather_rows(t, len(tokens[label])).contiguous() for name, t in kept.items()})
+        else:
+            sums = streamed_tensors(label, batches[label], shape, positions)
+            tensors.update({name: distributed.sum_across(t) for name, t in sums.items()})
+    return tensors
 
 
 def artifact_meta(
@@ -132,8 +153,9 @@ def artifact_meta(
     positions = settings["positions"]
     text_config = model.config.get_text_config()
     num_layers, _ = num_layers_and_hidden(model)
-    first = prompt_tokens(tokenizer, splits.harmful_train[:1])[0]
-    span = position_span(tokenizer, [first], positions)
+    thinking = settings.get("thinking", "off")
+    first = prompt_tokens(tokenizer, splits.harmful_train[:1], thinking)[0]
+    span = position_span(tokenizer, [first], positions, thinking)
     return {
         "model_id": model_id,
         "model_fingerprint": fingerprint,
@@ -150,19 +172,21 @@ def artifact_meta(
         "n_harmful": len(splits.harmful_train),
         "n_harmless": len(splits.harmless_train),
         "dtype": settings["dtype"],
+        "thinking": thinking,
         "hidden_state_index": "layer axis index i is the output of decoder layer i (0-based); *_embed is the embedding output",
     }
 
 
 def write_artifact(
-    out_dir: Path, tensors: Mapping[str, torch.Tensor], meta: Mapping[str, Any], sets: Mapping[str, Sequence[str]], tokenizer
+    out_dir: Path, tensors: Mapping[str, torch.Tensor], meta: Mapping[str, Any], sets: Mapping[str, Sequence[str]], tokenizer,
+    thinking: str = "off",
 ) -> None:
     """`activations.safetensors`, `meta.json` and `prompts.jsonl` (each prompt exactly as the model saw it)."""
     save_tensors(tensors, out_dir / ACTIVATIONS, metadata={key: _meta_text(value) for key, value in meta.items()})
     write_json(out_dir / "meta.json", meta)
     with open(out_dir / PROMPTS, "w", encoding="utf-8") as handle:
         for label, prompts in sets.items():
-            for index, (prompt, rendered) in enumerate(zip(prompts, render_prompts(tokenizer, prompts))):
+            for index, (prompt, rendered) in enumerate(zip(prompts, render_prompts(tokenizer, prompts, thinking))):
                 handle.write(json.dumps({"set": label, "index": index, "prompt": prompt, "rendered": rendered}) + "\n")
 
 

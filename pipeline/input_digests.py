@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from pipeline.artifacts import sha256_file
+from pipeline.judge_models import classifier_digest
 from pipeline.models import model_fingerprint, resolve_model_dir
 from pipeline.plan import read_plan
 from pipeline.prompt_sets import prompt_splits
@@ -33,3 +34,13 @@ def replayed_plan(config: Mapping[str, Any], model_store: Path) -> dict[str, str
     path = replay_path(config["plan"])
     read_plan(path)
     return {"plan": sha256_file(path)}
+
+
+def prompts_model_and_judge(config: Mapping[str, Any], model_store: Path) -> dict[str, str]:
+    """`prompts_and_model` plus the judge's own model (eval.judge=classifier: its files' contents)."""
+    return {**prompts_and_model(config, model_store), **classifier_digest(config["eval"])}
+
+
+def judge(config: Mapping[str, Any], model_store: Path) -> dict[str, str]:
+    """The classifier judge's files' contents (nothing for the other judges)."""
+    return classifier_digest(config["eval"])

@@ -141,7 +141,7 @@ def check_supported(model_dir: Path, model_cfg: Mapping[str, Any]) -> dict[str, 
 def load_model(model_cfg: Mapping[str, Any], model_store: Path, dtype: str | None = None, progress: bool = True):
     """(model, tokenizer, model_dir) in eval mode, placed by accelerate as `model.device_map` says."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     model_dir = resolve_model_dir(model_cfg, model_store, progress)
     check_supported(model_dir, model_cfg)
@@ -158,11 +158,18 @@ def load_model(model_cfg: Mapping[str, Any], model_store: Path, dtype: str | Non
         **placement,
     )
     model.eval()
+    return model, load_tokenizer(model_dir), model_dir
+
+
+def load_tokenizer(model_dir: Path):
+    """The checkpoint's tokenizer, padding on the left (the batches' last tokens line up)."""
+    from transformers import AutoTokenizer
+
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     tokenizer.padding_side = "left"
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    return model, tokenizer, model_dir
+    return tokenizer
 
 
 def _text_config(config: Mapping[str, Any]) -> Mapping[str, Any]:

@@ -61,13 +61,14 @@ from pipeline.plan import write_plan
 from pipeline.plan_trial import InMemoryModel
 from pipeline.plots import plot_pareto
 from pipeline.runner import Runner, config_slice
+from pipeline.judge_models import make_judge
 from pipeline.scoring import eval_prompts, harmless_logprobs, read_baseline, refusals
 from pipeline.search_space import PARAMS, Search, plan_summary, preset, select_values, suggest, trial_plan, validate
 from pipeline.store import ArtifactStore
 
 log = logging.getLogger("pipeline.optimize")
 
-STUDY_VERSION = "2"
+STUDY_VERSION = "3"  # 3: refusals are the judged `refusal` class (pipeline.judges), not any marker anywhere
 """Bump when trial scoring or the parameters -> plan mapping changes: old journals stop matching."""
 STUDY_NAME = "optimize"
 SEARCH_KEYS = ("space", "seeds", "startup_trials", "trial_max_new_tokens", "prune_above_kl")
@@ -92,6 +93,7 @@ class TrialScorer:
         self.harmful, self.harmless = eval_prompts(plain["prompts"], self.eval_cfg)
         self.reference = read_baseline(baseline_dir, len(self.harmless)).logprobs
         self.loaded = InMemoryModel(plain["model"], model_store, self.progress)
+        self.judge = make_judge(self.eval_cfg, model_store)
 
     def applied(self, plan: Mapping[str, Any]):
         return self.loaded.applied(plan, self.measurements.tensors, self.embed)
@@ -103,8 +105,8 @@ class TrialScorer:
         return kl_divergence(self.reference, logprobs)
 
     def refused(self) -> list[bool]:
-        """One refusal flag per harmful eval prompt, from greedy completions."""
-        return refusals(self.loaded.model, self.loaded.tokenizer, self.harmful, self.eval_cfg, self.progress)[1]
+        """One refusal flag per harmful eval prompt: greedy completions judged into classes as evaluate does."""
+        return refusals(self.loaded.model, self.loaded.tokenizer, self.harmful, self.eval_cfg, self.progress, self.judge)[1]
 
 
 # --- the study ---------------------------------------------------------------------------------------

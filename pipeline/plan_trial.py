@@ -4,7 +4,8 @@
 checkpoint's files (`pipeline.weight_edit.apply_plan_in_memory`), then rounds the edited tensors to
 the checkpoint's storage dtype, as the ablate stage's files are rounded: a bf16 checkpoint computed in
 fp32 scores in memory exactly what its ablated copy scores after loading. On leaving the block the
-exact original tensors are put back. The plan search (`pipeline.optimize`) scores its trials this way.
+exact original tensors are put back. The evaluate stage scores a sweep point this way, and the plan
+search (`pipeline.optimize`) its trials.
 """
 
 from __future__ import annotations
@@ -15,7 +16,8 @@ from typing import Any, Iterator, Mapping
 
 import torch
 
-from pipeline.models import load_model, read_model_config
+from pipeline.model_cache import shared_model
+from pipeline.models import read_model_config
 from pipeline.weight_edit import RestoreHandle, apply_plan_in_memory, directions_for_method
 
 
@@ -39,11 +41,13 @@ def round_to_storage(model: torch.nn.Module, handle: RestoreHandle, storage_dtyp
 
 
 class InMemoryModel:
-    """The original model of `model_cfg`, loaded once, onto which plans are applied and undone."""
+    """The original model of `model_cfg` (the process's shared copy, `pipeline.model_cache`), onto which
+    plans are applied and undone."""
 
     def __init__(self, model_cfg: Mapping[str, Any], model_store: Path, progress: bool = True):
-        self.model, self.tokenizer, model_dir = load_model(dict(model_cfg), model_store, progress=progress)
-        self.storage_dtype = checkpoint_dtype(model_dir)
+        loaded = shared_model(model_cfg, model_store, progress=progress)
+        self.model, self.tokenizer = loaded.model, loaded.tokenizer
+        self.storage_dtype = checkpoint_dtype(loaded.model_dir)
 
     @contextmanager
     def applied(

@@ -46,6 +46,7 @@ log = logging.getLogger(__name__)
 NON_SEMANTIC_KEYS = frozenset(
     {
         "collect.batch_size",
+        "collect.streaming",  # layer-streamed activations are bit-identical to in-memory ones (tests/test_layer_stream.py)
         "eval.batch_size",
         "model.device_map",
         "model.max_memory",
@@ -164,6 +165,36 @@ def execution_order(registry: Mapping[str, Stage], requested: Sequence[str]) -> 
     return [name for name in registry if name in needed]
 
 
+EXPORT_STAGE = "ablate"
+"""The stage that writes the model directory; `run.export` decides whether a run that evaluates adds it."""
+EXPORT_VALUES = ("auto", True, False)
+
+
+def sweeping() -> bool:
+    """True inside a Hydra multirun job (`-m`), on any launcher."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+
+
+def with_export(registry: Mapping[str, Stage], requested: Sequence[str], export: Any, multirun: bool) -> list[str]:
+    """`run.stages`, plus the export stage when the run evaluates a plan and `run.export` asks for it.
+
+    evaluate scores the plan in memory and needs no checkpoint, so the model directory is written only
+    on request: `run.export=true`, or `auto` (the default) in a single run; a multirun (`-m`) exports
+    nothing under `auto`. Naming the stage in `run.stages` always runs it (`run.stages=[ablate]` exports
+    one sweep point from the cache, the command summary.csv gives each point).
+    """
+    if export not in EXPORT_VALUES or isinstance(export, int) and not isinstance(export, bool):
+        raise PipelineError(f"run.export={export!r} is not one of auto, true, false")
+    wanted = not multirun if export == "auto" else bool(export)
+    stages = list(requested)
+    if wanted and EXPORT_STAGE in registry and EXPORT_STAGE not in stages and "evaluate" in execution_order(registry, stages):
+        stages.append(EXPORT_STAGE)
+    return stages
+
+
 class Runner:
     """Runs stages for one composed config against one shared cache directory."""
 
@@ -178,7 +209,8 @@ class Runner:
         unknown = [name for name in force if name not in self.registry]
         if unknown:
             raise PipelineError(f"unknown stage {unknown[0]!r} in run.force; choose from {', '.join(self.registry)}")
-        order = execution_order(self.registry, requested)
+        export = OmegaConf.select(self.cfg, "run.export", default="auto")
+        order = execution_order(self.registry, with_export(self.registry, requested, export, sweeping()))
         if distributed.world_size() > 1:
             return self._run_launched(order, force)
         ensure_writable(self.cache_dir, "cache.dir")

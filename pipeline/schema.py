@@ -19,7 +19,7 @@ with `setting(ge=..., le=..., lt=...)`: each range is written once, on its field
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, fields, is_dataclass
+from dataclasses import dataclass, fields, is_dataclass
 from enum import Enum, StrEnum
 from functools import cache
 from typing import Any, Dict, List, Mapping, Optional, Union, get_args, get_origin, get_type_hints
@@ -27,10 +27,13 @@ from typing import Any, Dict, List, Mapping, Optional, Union, get_args, get_orig
 from omegaconf import MISSING
 
 from pipeline.errors import PipelineError
+from pipeline.eval_schema import EvalConfig, Thinking
+from pipeline.schema_fields import section, setting
 
 SCALE_RANGE = (0.0, 4.0)
-"""select.scale / select.attn_scale: 0 leaves a layer unchanged, 1 removes the direction's component, 2
-reflects it; beyond that the edit only amplifies the reversed component (the band preset uses 1.2)."""
+"""Ablation scales (select.scale / select.attn_scale, and every scale a plan file carries): 0 leaves a layer
+unchanged, 1 removes the direction's component, 2 reflects it; beyond that the edit only amplifies the
+reversed component, and far beyond it the weights blow up (at 1e36 every logit is 0). The band preset uses 1.2."""
 
 
 class ModelSource(StrEnum):
@@ -52,6 +55,12 @@ class DType(StrEnum):
     float16 = "float16"
 
 
+class Streaming(StrEnum):
+    off = "off"  # the model in memory (or placed by accelerate), every batch through every layer
+    layers = "layers"  # pipeline.layer_stream: every batch through one decoder layer at a time, each weight read once
+    auto = "auto"  # layers when the model does not fit the memory accelerate would give it
+
+
 class Positions(StrEnum):
     last = "last"
     post_instruction = "post_instruction"
@@ -61,20 +70,6 @@ class Positions(StrEnum):
 class Method(StrEnum):
     orthogonal = "orthogonal"
     norm_preserving = "norm_preserving"
-
-
-def setting(default: Any = MISSING, *, ge: float | None = None, lt: float | None = None, le: float | None = None,
-            optional: bool = False) -> Any:
-    """A field with its allowed range. MISSING (the default) makes it required; `optional` lets a config
-    leave it out (it is then not part of a stage's config slice)."""
-    return field(default=default, metadata={"ge": ge, "lt": lt, "le": le, "optional": optional})
-
-
-def section(schema: type, optional: bool = False) -> Any:
-    """A nested section; `optional`: None (the default), for configs that have no such section."""
-    if optional:
-        return field(default=None, metadata={"optional": True})
-    return field(default_factory=schema)
 
 
 # --- model ---------------------------------------------------------------------------------------------
@@ -128,14 +123,6 @@ class PromptsConfig:
     seed: int = MISSING
     n_train: int = setting(ge=1)
     n_eval: int = setting(ge=1)
-
-
-@dataclass
-class EvalConfig:
-    max_new_tokens: int = setting(ge=1)
-    batch_size: int = setting(ge=1)
-    kl_prompts: int = setting(ge=1)
-    refusal_markers: List[str] = MISSING
 
 
 # --- mode, select ------------------------------------------------------------------------------------------
@@ -210,6 +197,7 @@ class RunConfig:
     force: List[str] = MISSING
     seed: int = MISSING
     progress: bool = MISSING
+    export: Any = MISSING  # auto | true | false: also run ablate (write the model directory); auto = single runs only
 
 
 @dataclass
@@ -224,6 +212,8 @@ class CollectConfig:
     dtype: DType = MISSING
     positions: Positions = MISSING
     keep_activations: bool = MISSING
+    thinking: Thinking = MISSING
+    streaming: Streaming = MISSING  # off | layers | auto (not in the cache key: both give bit-identical activations)
 
 
 @dataclass
@@ -234,6 +224,16 @@ class EmbedConfig:
 @dataclass
 class AblateConfig:
     embed: EmbedConfig = section(EmbedConfig)
+
+
+class ExportFormat(StrEnum):
+    safetensors = "safetensors"
+    lora = "lora"
+
+
+@dataclass
+class ExportConfig:
+    format: ExportFormat = MISSING  # safetensors: the model directory; lora: also a PEFT adapter beside it
 
 
 @dataclass
@@ -249,6 +249,7 @@ class Config:
     cache: CacheConfig = section(CacheConfig)
     collect: CollectConfig = section(CollectConfig)
     ablate: AblateConfig = section(AblateConfig)
+    export: ExportConfig = section(ExportConfig)
 
 
 # --- plain values against the schema ---------------------------------------------------------------------------

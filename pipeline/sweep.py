@@ -5,7 +5,9 @@ stage's `metrics.json` holds its numbers. `SweepSummary`, a Hydra callback regis
 `conf/config.yaml`, reads them back from disk when the sweep ends (so it works with any launcher)
 and writes into the sweep directory:
 
-* `summary.csv`: one row per job (overrides, layers, refusal before/after, KL, cache use, time, error);
+* `summary.csv`: one row per job (overrides, layers, refusal before/after, KL, cache use, time, error, and
+  the command that exports the job's model from the cache: only `ablate` runs, as a sweep writes no
+  model directory unless `run.export=true`);
 * `pareto.png`: refusal-after against KL, with the Pareto front (both minimized, `pipeline.pareto`) marked
   and joined, each point labelled with the overrides that vary across the sweep (`pipeline.plots`).
 """
@@ -15,6 +17,7 @@ from __future__ import annotations
 import csv
 import json
 import logging
+import shlex
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +28,7 @@ from omegaconf import DictConfig
 
 from pipeline.pareto import pareto_front
 from pipeline.plots import plot_pareto
+from pipeline.report import sweep_report
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +45,9 @@ COLUMNS = (
     "cached_stages",
     "seconds",
     "error",
+    "export",
 )
+EXPORT_STAGES = "run.stages=[ablate]"
 
 
 @dataclass(frozen=True)
@@ -62,6 +68,14 @@ class JobSummary:
     @property
     def evaluated(self) -> bool:
         return self.refusal_after is not None and self.kl_divergence is not None
+
+    @property
+    def export_command(self) -> str:
+        """The command that writes this job's model directory from the cache (only ablate runs)."""
+        if not self.evaluated:
+            return ""
+        kept = [item for item in self.overrides if not item.lstrip("+~").startswith(("run.stages=", "run.export="))]
+        return shlex.join(["python", "-m", "pipeline", *kept, EXPORT_STAGES])
 
 
 def read_job(run_json: Path, sweep_dir: Path) -> JobSummary:
@@ -128,6 +142,7 @@ def write_summary_csv(jobs: Sequence[JobSummary], path: Path) -> None:
                     job.cached_stages,
                     _number(job.seconds),
                     job.error,
+                    job.export_command,
                 ]
             )
 
@@ -170,6 +185,7 @@ class SweepSummary(Callback):
         # A relative sweep dir is relative to the launch directory, which is the cwd again once jobs end.
         sweep_dir = Path(str(config.hydra.sweep.dir)).absolute()
         jobs = summarize_sweep(sweep_dir, self.started)
+        sweep_report(sweep_dir, sweep_dir / SUMMARY_CSV, sweep_dir / PARETO_PNG)  # report.html (pipeline/report.py)
         failed = [job.job for job in jobs if job.error]
         log.info("sweep summary: %s, %s (%d jobs)", sweep_dir / SUMMARY_CSV, sweep_dir / PARETO_PNG, len(jobs))
         if failed:

@@ -263,18 +263,22 @@ def apply_plan_in_memory(
     editor = plan_editor(model.config.to_dict(), plan, directions, embed, "memory")
     handle = RestoreHandle()
     hits: set[Hit] = set()
-    for name, parameter in model.named_parameters():
-        result = editor.edit(name, parameter)
-        if result is None:
-            continue
-        if parameter.device.type == "meta":
-            raise PipelineError(
-                f"{name} is offloaded (meta device) and cannot be edited in memory; "
-                "load the model without disk offload or use the ablate stage"
-            )
-        edited, hit = result
-        handle.originals[name] = (parameter, parameter.detach().to("cpu", copy=True))
-        parameter.data.copy_(edited)
-        hits.add(hit)
-    editor.check_coverage(hits)
+    try:
+        for name, parameter in model.named_parameters():
+            if parameter.device.type == "meta" and editor.target(name) is not None:
+                raise PipelineError(
+                    f"{name} is offloaded (meta device) and cannot be edited in memory; give the planned layers "
+                    "GPU or CPU memory (model.max_memory, no offload_folder) so evaluate can apply the plan"
+                )
+            result = editor.edit(name, parameter)
+            if result is None:
+                continue
+            edited, hit = result
+            handle.originals[name] = (parameter, parameter.detach().to("cpu", copy=True))
+            parameter.data.copy_(edited)
+            hits.add(hit)
+        editor.check_coverage(hits)
+    except BaseException:
+        handle.restore()  # a shared model (pipeline.model_cache) must never keep half a plan
+        raise
     return handle

@@ -21,7 +21,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any, Mapping
 
-from pipeline import artifacts, models, source_hashes
+from pipeline import artifacts, lora_export, models, source_hashes
 from pipeline.architectures import Architecture, num_decoder_layers, text_config
 from pipeline.checkpoint_copy import edit_checkpoint
 from pipeline.measurement import check_measurement_matches, read_measurements
@@ -35,6 +35,9 @@ def run(ctx: StageContext) -> None:
     measurement_path = ctx.inputs["measure"] / "measurements.safetensors"
     measurements = read_measurements(measurement_path)
     model_cfg = ctx.config["model"]
+    lora = ctx.config["export"]["format"] == "lora"
+    if lora:  # refused before any copy when the plan is not a low-rank edit
+        lora_export.check_exportable(plan, bool(ctx.config["ablate"]["embed"]["enabled"]))
     source = models.resolve_model_dir(model_cfg, ctx.model_store, ctx.progress)
     config = models.check_supported(source, model_cfg)
     check_measurement_matches(
@@ -55,6 +58,10 @@ def run(ctx: StageContext) -> None:
         hash_output=True,
         card=partial(model_card, plan, ctx.cache_keys),
     )
+    if lora:
+        ctx.manifest_extra["lora"] = lora_export.write_adapter(
+            source, ctx.out_dir / "lora", plan, directions_for_method(measurements.tensors, plan["method"]),
+            plan.get("model", str(source)))
     source_hashes.check_unchanged(source, stats, report["source_files"])
     if model_cfg["source"] not in models.MATERIALIZED_SOURCES:
         source_hashes.remember(ctx.model_store, source, stats, report["source_files"])
@@ -95,7 +102,7 @@ def model_card(
     return (
         f"---\nbase_model: {model}\ntags:\n- abliterated\n---\n\n"
         f"# {model} (abliterated)\n\n"
-        f"Source: `{model}` read from `{source_dir}`.\n\n"
+        f"Source: `{model}` (checkpoint folder `{source_dir.name}`).\n\n"
         f"Method: `{resolved.method}`. Each listed decoder layer (0-based) had the refusal direction removed "
         "from its attention output projection and its MLP down projections (all experts, shared experts "
         "and biases included).\n\n"
@@ -106,4 +113,6 @@ def model_card(
 
 # The whole `model` mapping is needed to resolve the checkpoint (a tiny or packaged model is
 # rebuilt from arch / gguf fields); the runner drops its placement keys (device_map, ...) from the key.
-STAGE = Stage(name="ablate", version="3", needs=("select", "measure"), config_keys=("model", "ablate"), run=run)
+# Version 4: the model card names the source folder, not its absolute path, so a rebuild elsewhere
+# (python -m pipeline.reproduce) gives the same bytes. `export` (export.format=lora adds lora/) joined the key.
+STAGE = Stage(name="ablate", version="4", needs=("select", "measure"), config_keys=("model", "ablate", "export"), run=run)

@@ -243,7 +243,7 @@ def test_ctrl_c_inside_a_stage_is_one_line_status_130_and_leaves_no_temporary(sc
     def interrupted(*_args, **_kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr("pipeline.stages.collect.load_model", interrupted)
+    monkeypatch.setattr("pipeline.stages.collect.shared_model", interrupted)
     before = snapshot(scene.cache, scene.store)
     args = args_with(SMALL, ["prompts.n_train=17", f"cache.dir={scene.cache}", f"cache.models={scene.store}",
                              f"hydra.run.dir={scene.tmp / 'run'}"])  # a new collect key: collect must start

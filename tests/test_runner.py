@@ -304,7 +304,7 @@ def test_run_json_and_a_second_identical_run_is_cached_without_a_forward_pass(
     def no_forward_pass(*_args, **_kwargs):
         raise AssertionError("the cached collect stage loaded the model")
 
-    monkeypatch.setattr("pipeline.stages.collect.load_model", no_forward_pass)
+    monkeypatch.setattr("pipeline.stages.collect.shared_model", no_forward_pass)
     assert run_cli([*args, f"hydra.run.dir={tmp_path / 'second'}"], capsys, monkeypatch)[0] == 0
     second = json.loads((tmp_path / "second" / "run.json").read_text())
 

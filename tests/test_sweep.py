@@ -5,16 +5,18 @@ from __future__ import annotations
 
 import csv
 import json
+import shlex
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from pipeline.sweep import JobSummary, pareto_front, varying_overrides
+from pipeline.sweep import EXPORT_STAGES, JobSummary, pareto_front, varying_overrides
+from tiny_pipeline import run_in_process
 
 SHARED = ("collect", "baseline", "measure")
-PER_POINT = ("select", "ablate", "evaluate")
+PER_POINT = ("select", "evaluate")
 TINY = [
     "model=tiny",
     "prompts.n_train=16",
@@ -81,13 +83,14 @@ def test_a_2x2_sweep_computes_shared_stages_once_and_summarizes_every_job(sweep)
     _, _, sweep_dir = sweep
     runs = _runs(sweep_dir)
     assert {stage: _computed(runs, stage) for stage in SHARED + PER_POINT} == {
-        "collect": 1, "baseline": 1, "measure": 1, "select": 4, "ablate": 4, "evaluate": 4
+        "collect": 1, "baseline": 1, "measure": 1, "select": 4, "evaluate": 4
     }
+    assert not (sweep[1] / "ablate").exists(), "a sweep writes no model directory unless run.export=true"
 
     rows = _rows(sweep_dir)
     assert [row["job"] for row in rows] == ["0", "1", "2", "3"]
     assert [row["cached_stages"] for row in rows] == ["0", "3", "3", "3"]
-    assert all(row["stages"] == "6" and row["error"] == "" for row in rows)
+    assert all(row["stages"] == "5" and row["error"] == "" for row in rows)
     for row, run in zip(rows, runs):
         assert row["overrides"] == " ".join(run["overrides"])
         # min_quality=0 lets all 4 tiny layers qualify, so top_n alone sets how many are ablated.
@@ -112,7 +115,7 @@ def test_rerunning_the_sweep_serves_every_stage_of_every_job_from_the_cache(swee
     assert [run["stages"]["evaluate"]["key"] for run in runs] == [
         run["stages"]["evaluate"]["key"] for run in _runs(first)
     ]
-    assert [(row["cached_stages"], row["seconds"]) for row in _rows(again)] == [("6", "0")] * 4
+    assert [(row["cached_stages"], row["seconds"]) for row in _rows(again)] == [("5", "0")] * 4
 
 
 def test_a_failing_job_is_recorded_and_the_sweep_goes_on(sweep):
@@ -122,10 +125,23 @@ def test_a_failing_job_is_recorded_and_the_sweep_goes_on(sweep):
     _multirun(root, sweep_dir, cache, "mode.top_n=1", "select.scale=0.5", "mode.min_quality=1000,0")
 
     failed, worked = _rows(sweep_dir)
-    assert failed["error"].startswith("no layer has quality >= 1000")
+    assert failed["error"].startswith("no layer has quality >= 1000") and failed["export"] == ""
     assert (failed["stages"], failed["layers"], failed["refusal_after"], failed["kl_divergence"]) == ("3", "", "", "")
     run = json.loads((sweep_dir / "0" / "run.json").read_text())
     assert run["error"] == failed["error"] and set(run["stages"]) == set(SHARED)
-    assert (worked["job"], worked["error"], worked["stages"], worked["cached_stages"]) == ("1", "", "6", "6")
+    assert (worked["job"], worked["error"], worked["stages"], worked["cached_stages"]) == ("1", "", "5", "5")
     assert worked["layers"] != "" and worked["kl_divergence"] != ""
     assert (sweep_dir / "pareto.png").is_file()
+
+
+def test_the_export_command_of_a_point_runs_only_ablate(sweep):
+    root, cache, sweep_dir = sweep
+    row, run = _rows(sweep_dir)[1], _runs(sweep_dir)[1]
+    command = shlex.split(row["export"])
+    assert command[:3] == ["python", "-m", "pipeline"] and command[-1] == EXPORT_STAGES
+    assert command[3:-1] == run["overrides"]
+    exported = run_in_process(command[3:])
+    assert set(exported["stages"]) == {"collect", "measure", "select", "ablate"}
+    assert [name for name, stage in exported["stages"].items() if not stage["cached"]] == ["ablate"]
+    assert exported["stages"]["select"]["key"] == run["stages"]["select"]["key"]
+    assert (Path(exported["stages"]["ablate"]["dir"]) / "model" / "config.json").is_file()

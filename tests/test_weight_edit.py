@@ -471,7 +471,7 @@ def run_ablate_stage(tmp_path: Path, model_cfg: dict[str, Any], run_name: str) -
             "layers": [{"layer": 1, "direction_from": 1, "scale": 1.0}],
         })
     ctx = StageContext(
-        config={"model": model_cfg, "ablate": {"embed": {"enabled": False}}},
+        config={"model": model_cfg, "ablate": {"embed": {"enabled": False}}, "export": {"format": "safetensors"}},
         out_dir=out_dir, inputs={"select": select_dir, "measure": measure_dir},
         model_store=tmp_path / "store", seed=0, progress=False,
     )
