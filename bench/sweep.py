@@ -17,7 +17,8 @@ evaluate's metrics.json/completions.jsonl); peak RSS of the process. Last line:
 
     point/bare=<ratio> bytes/point=<int> loads=<int>
 
-(ratio: summed point times / summed bare times; loads: source-model loads of the whole process). Prompt
+(ratio: median point time / median bare time, medians because on a shared machine one stray neighbour's burst
+can multiply a single measurement; loads: source-model loads of the whole process). Prompt
 counts default small enough to finish in a few minutes on a 2-core CPU (see --help and bench/RESULTS.md):
 
     python bench/sweep.py --work /tmp/$USER/bench-sweep
@@ -31,6 +32,7 @@ import os
 import platform
 import resource
 import shutil
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -127,22 +129,24 @@ def main() -> None:
     print(f"# {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs; load {os.getloadavg()[0]:.2f}; "
           f"warm-up (collect+baseline+measure, model load) {warmup:.1f} s; sweep {sweep_seconds:.1f} s")
     print("job  overrides                                        point_s  bare_s  ratio")
-    point_total = bare_total = 0.0
+    points, bares = [], []
     for job in jobs:
         stages = runs[job]["stages"]
         varying = [item for item in runs[job]["overrides"] if item.startswith(("select.direction_from", "select.scale"))]
         bare = bare_evaluate(runs[job]["overrides"], stages, args.work / "bare" / job)
         point = JOB_SECONDS[job]
-        point_total, bare_total = point_total + point, bare_total + bare
+        points.append(point), bares.append(bare)
         print(f"{job:>3}  {' '.join(varying):<47}  {point:7.2f}  {bare:6.2f}  {point / bare:5.2f}")
     written = sum(new.values())
     scores = sum(size for path, size in new.items() if path.name in SCORE_FILES)
     checkpoints = [path for path in new if path.suffix == ".safetensors" and "model" in path.parts]
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print(f"# per point: {point_total / 9:.2f} s (bare {bare_total / 9:.2f} s); {written / 9:.0f} bytes written, "
+    point_mid, bare_mid = statistics.median(points), statistics.median(bares)
+    print(f"# per point: median {point_mid:.2f} s, mean {sum(points) / 9:.2f} s (bare: median {bare_mid:.2f} s, mean "
+          f"{sum(bares) / 9:.2f} s); {written / 9:.0f} bytes written, "
           f"{(written - scores) / 9:.0f} besides metrics.json/completions.jsonl; checkpoint files written: {len(checkpoints)}; "
           f"peak RSS {peak_mb:.0f} MiB")
-    print(f"point/bare={point_total / bare_total:.3f} bytes/point={written // 9} loads={model_cache.loads()}")
+    print(f"point/bare={point_mid / bare_mid:.3f} bytes/point={written // 9} loads={model_cache.loads()}")
 
 
 if __name__ == "__main__":
