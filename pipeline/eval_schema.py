@@ -70,6 +70,7 @@ class LLMJudgeConfig:
 @dataclass
 class EvalConfig:
     max_new_tokens: int = setting(ge=1)
+    harmless_max_new_tokens: int = setting(ge=1)
     reasoning_tokens: int = setting(ge=0)
     early_stop: bool = MISSING
     thinking: Thinking = MISSING

@@ -107,9 +107,10 @@ class ModelScore:
 
 def score(model, tokenizer, harmful: list[str], harmless: list[str], eval_cfg: Mapping[str, Any], judge,
           progress: bool) -> ModelScore:
+    harmless_cfg = {**eval_cfg, "max_new_tokens": int(eval_cfg["harmless_max_new_tokens"])}
     return ModelScore(
         judged_completions(model, tokenizer, harmful, eval_cfg, judge, progress),
-        judged_completions(model, tokenizer, harmless, eval_cfg, judge, progress),
+        judged_completions(model, tokenizer, harmless, harmless_cfg, judge, progress),
         harmless_logprobs(model, tokenizer, harmless, eval_cfg, progress),
     )
 
@@ -205,6 +206,7 @@ def evaluate_metrics(baseline: Baseline, scored: ModelScore, kl: float, token_kl
         "n_kl_prompts": len(scored.harmless.prompts),
         "judge": str(eval_cfg["judge"]),
         "max_new_tokens": int(eval_cfg["max_new_tokens"]),
+        "harmless_max_new_tokens": int(eval_cfg["harmless_max_new_tokens"]),
     })
     return metrics
 
