@@ -153,7 +153,7 @@ def artifact_meta(
     positions = settings["positions"]
     text_config = model.config.get_text_config()
     num_layers, _ = num_layers_and_hidden(model)
-    thinking = settings.get("thinking", "off")
+    thinking = settings["thinking"]
     first = prompt_tokens(tokenizer, splits.harmful_train[:1], thinking)[0]
     span = position_span(tokenizer, [first], positions, thinking)
     return {

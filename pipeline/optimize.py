@@ -87,8 +87,8 @@ class TrialScorer:
                  eval_cfg: Mapping[str, Any]):
         self.measurements = measurements
         self.eval_cfg = dict(eval_cfg)
-        self.progress = bool(cfg.run.progress)
-        self.embed = bool(cfg.ablate.embed.enabled)
+        self.progress = cfg.run.progress is True
+        self.embed = cfg.ablate.embed.enabled is True
         plain = config_slice(cfg, ("model", "prompts"))
         self.harmful, self.harmless = eval_prompts(plain["prompts"], self.eval_cfg)
         self.reference = read_baseline(baseline_dir, len(self.harmless)).logprobs
@@ -294,7 +294,7 @@ def run_optimize(cfg: DictConfig, output_dir: Path | None = None) -> dict[str, A
     upstream = runner_for(cfg).run(["measure", "baseline"])
     measure, baseline = upstream["measure"], upstream["baseline"]
     measurements = read_measurements(measure.dir / "measurements.safetensors")
-    key = study_key(measure.key, baseline.key, settings, int(cfg.run.seed), bool(cfg.ablate.embed.enabled))
+    key = study_key(measure.key, baseline.key, settings, int(cfg.run.seed), cfg.ablate.embed.enabled is True)
     with ArtifactStore(cache_dir / "optimize").exclusive(key) as study_dir:
         study = open_study(study_dir, search, int(cfg.run.seed))
         remaining = search.trials - len(trials_in(study, *FINISHED))

@@ -188,7 +188,7 @@ def with_export(registry: Mapping[str, Stage], requested: Sequence[str], export:
     """
     if export not in EXPORT_VALUES or isinstance(export, int) and not isinstance(export, bool):
         raise PipelineError(f"run.export={export!r} is not one of auto, true, false")
-    wanted = not multirun if export == "auto" else bool(export)
+    wanted = not multirun if export == "auto" else export is True
     stages = list(requested)
     if wanted and EXPORT_STAGE in registry and EXPORT_STAGE not in stages and "evaluate" in execution_order(registry, stages):
         stages.append(EXPORT_STAGE)
@@ -340,7 +340,7 @@ class Runner:
     def _compute(self, stage: Stage, key: str, values: dict, digests: dict, out_dir: Path) -> float:
         """Run `stage` into `out_dir` and write its manifest; returns the seconds it took."""
         started = time.perf_counter()
-        context = self._context(stage, key, values, out_dir, progress=bool(self.cfg.run.progress))
+        context = self._context(stage, key, values, out_dir, progress=self.cfg.run.progress is True)
         log.info("%s: computing %s", stage.name, key)
         stage.run(context)
         if os.environ.get(FAULT_ENV) == stage.name:  # the one test hook, see FAULT_ENV

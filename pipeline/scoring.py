@@ -72,10 +72,10 @@ class Judged:
 
 def judged_completions(model, tokenizer, prompts: Sequence[str], eval_cfg: Mapping[str, Any], judge, progress: bool) -> Judged:
     """Generate (stopping rows early where the markers judge allows it) and judge."""
-    early = bool(eval_cfg.get("early_stop", False)) and isinstance(judge, MarkersJudge)
+    early = eval_cfg["early_stop"] is True and isinstance(judge, MarkersJudge)
     generated = greedy_completions(
         model, tokenizer, prompts, int(eval_cfg["max_new_tokens"]), int(eval_cfg["batch_size"]), progress,
-        str(eval_cfg.get("thinking", "off")), int(eval_cfg.get("reasoning_tokens", 0)),
+        str(eval_cfg["thinking"]), int(eval_cfg["reasoning_tokens"]),
         MarkerRules.from_config(eval_cfg) if early else None,
     )
     specials = special_tokens(tokenizer)
@@ -94,7 +94,7 @@ def refusals(model, tokenizer, harmful: Sequence[str], eval_cfg: Mapping[str, An
 def harmless_logprobs(model, tokenizer, harmless: Sequence[str], eval_cfg: Mapping[str, Any], progress: bool) -> torch.Tensor:
     """[n, vocab] first-token log-probabilities of the harmless prompts: the KL reference or its comparison."""
     return first_token_logprobs(model, tokenizer, harmless, int(eval_cfg["batch_size"]), progress,
-                                str(eval_cfg.get("thinking", "off")))
+                                str(eval_cfg["thinking"]))
 
 
 @dataclass(frozen=True)
@@ -154,7 +154,7 @@ def baseline_topk(model, tokenizer, scored: ModelScore, eval_cfg: Mapping[str, A
     """The per-token KL reference: the first `eval.kl_tokens` tokens of the harmless completions."""
     completions = [ids[: int(eval_cfg["kl_tokens"])] for ids in scored.harmless.ids]
     return reference_topk(model, tokenizer, scored.harmless.prompts, completions, int(eval_cfg["batch_size"]),
-                          str(eval_cfg.get("thinking", "off")), progress)
+                          str(eval_cfg["thinking"]), progress)
 
 
 def write_jsonl(path: Path, rows: Sequence[Mapping[str, Any]]) -> None:

@@ -103,7 +103,7 @@ def validate(settings: Mapping[str, Any]) -> Search:
         trials=trials,
         max_kl=max_kl,
         prune_above_kl=None if prune_above_kl is None else float(prune_above_kl),
-        export=bool(settings["export"]),
+        export=settings["export"] is True,
         startup_trials=startup,
         trial_max_new_tokens=None if tokens is None else int(tokens),
         floats=floats,

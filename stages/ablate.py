@@ -37,7 +37,7 @@ def run(ctx: StageContext) -> None:
     model_cfg = ctx.config["model"]
     lora = ctx.config["export"]["format"] == "lora"
     if lora:  # refused before any copy when the plan is not a low-rank edit
-        lora_export.check_exportable(plan, bool(ctx.config["ablate"]["embed"]["enabled"]))
+        lora_export.check_exportable(plan, ctx.config["ablate"]["embed"]["enabled"] is True)
     source = models.resolve_model_dir(model_cfg, ctx.model_store, ctx.progress)
     config = models.check_supported(source, model_cfg)
     check_measurement_matches(
@@ -53,7 +53,7 @@ def run(ctx: StageContext) -> None:
         plan,
         directions_for_method(measurements.tensors, plan["method"]),
         progress=ctx.progress,
-        embed=bool(ctx.config["ablate"]["embed"]["enabled"]),
+        embed=ctx.config["ablate"]["embed"]["enabled"] is True,
         source_hashes=known_hashes(model_cfg, source, ctx.model_store, stats),
         hash_output=True,
         card=partial(model_card, plan, ctx.cache_keys),

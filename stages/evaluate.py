@@ -37,7 +37,7 @@ def run(ctx: StageContext) -> None:
     measurements = read_measurements(ctx.inputs["measure"] / "measurements.safetensors")
     original = InMemoryModel(ctx.config["model"], ctx.model_store, ctx.progress)
     judge = make_judge(eval_cfg, ctx.model_store)
-    with original.applied(plan, measurements.tensors, bool(ctx.config["ablate.embed"]["enabled"])) as model:
+    with original.applied(plan, measurements.tensors, ctx.config["ablate.embed"]["enabled"] is True) as model:
         scored = score(model, original.tokenizer, harmful, harmless, eval_cfg, judge, ctx.progress)
         token_kl = per_token_kl(baseline.topk, model, original.tokenizer, harmless, int(eval_cfg["batch_size"]),
                                 str(eval_cfg["thinking"]), ctx.progress)
