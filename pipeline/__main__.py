@@ -5,6 +5,9 @@ multirun (`-m`) a failing job is recorded instead (run.json gets an "error") and
 one sweep point whose thresholds select nothing must not throw away the points that worked.
 Hydra's own errors (an unknown preset, an override it cannot parse) and unwritable output
 directories are reduced to one line and status 2 as well (`pipeline.cli`); see docs/troubleshooting.md.
+
+`-m +search=default` makes the multirun a plan search (`pipeline.search`): its sweeper reads each trial's
+objectives through the job's return value, run.json's content (`main` returns it).
 """
 
 from __future__ import annotations
@@ -67,15 +70,17 @@ def run_pipeline(cfg: DictConfig, output_dir: Path | None = None) -> dict:
 
 
 @hydra.main(version_base=None, config_path="pkg://pipeline.conf", config_name="config")
-def main(cfg: DictConfig) -> None:
+def main(cfg: DictConfig) -> dict | None:
+    """Returns run.json's content (the sweeper of a search reads each trial's evaluate metrics through it);
+    None for a sweep job that failed (its run.json holds the error)."""
     hydra_cfg = HydraConfig.get()
     output_dir = Path(hydra_cfg.runtime.output_dir)
     try:
-        run_pipeline(cfg, output_dir)
+        return run_pipeline(cfg, output_dir)
     except PipelineError as error:
         if hydra_cfg.mode == RunMode.MULTIRUN:
             log.error("job %s failed (recorded in run.json, the sweep goes on): %s", hydra_cfg.job.num, error)
-            return
+            return None
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
     except Exception as error:
@@ -86,10 +91,14 @@ def main(cfg: DictConfig) -> None:
         if not (output_dir / "run.json").exists():
             write_json(output_dir / "run.json", {"stages": {}, "error": f"{type(error).__name__}: {error}",
                                                   "overrides": list(hydra_cfg.overrides.task)})
+        return None
 
 
 def cli() -> None:
     """`python -m pipeline`: `main` with every error a user can cause reported as one stderr line, status 2."""
+    from hydra_plugins.pipeline_search_sweeper.search_sweeper import register
+
+    register()  # the plan search's sweeper (+search=default), also where Hydra's plugin scan cannot list it
     run_entry_point(main)
 
 

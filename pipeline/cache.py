@@ -1,6 +1,6 @@
 """`python -m pipeline.cache gc [--cache-dir DIR] [--models-dir DIR]`: remove what killed runs left behind.
 
-Every stage directory of the cache (`<cache.dir>/<stage>/`), the plan search's (`<cache.dir>/optimize/`)
+Every stage directory of the cache (`<cache.dir>/<stage>/`), the plan search's (`<cache.dir>/search/`)
 and the model store (`<cache.models>/`) is a `pipeline.store.ArtifactStore`: a writer builds
 `.tmp-<name>-<pid>-<random>/` while it holds `.<name>.lock`. A temporary whose lock can be taken right
 now has no live writer, so it is removed; one whose lock is held belongs to a running job and is kept.
@@ -32,7 +32,7 @@ def default_dirs(cache_dir: str | None, models_dir: str | None) -> tuple[Path, P
 
 
 def stores(cache_dir: Path, models_dir: Path) -> list[ArtifactStore]:
-    """Every store under the cache dir (one per stage, plus optimize) and the model store."""
+    """Every store under the cache dir (one per stage, plus the plan search's) and the model store."""
     stage_dirs = []
     if cache_dir.is_dir():
         stage_dirs = sorted(

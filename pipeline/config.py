@@ -16,7 +16,9 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, ValidationError
 
+from pipeline import search_schema
 from pipeline.errors import PipelineError
+from pipeline.paths import package_file
 from pipeline.schema import Config, check, lookup, unwrap_optional
 
 SCHEMA_NAME = "base_config"
@@ -55,6 +57,7 @@ def register_resolvers() -> None:
     OmegaConf.register_new_resolver("model_kind", _model_kind, replace=True)
     OmegaConf.register_new_resolver("compute_dtype", compute_dtype, replace=True)
     ConfigStore.instance().store(name=SCHEMA_NAME, node=Config)
+    search_schema.register()  # hydra/sweeper=pipeline_search, the plan search's settings (+search=default)
 
 
 def _unknown_setting(key: str) -> PipelineError:
@@ -70,8 +73,8 @@ def schema_error_line(error: BaseException) -> str | None:
     """One line for a schema violation OmegaConf reported while composing (a preset file's misspelled key,
     a value of the wrong type), in the words `check` uses; None when `error` is something else."""
     cause = error.__cause__ or error.__context__
-    if not isinstance(cause, (ConfigKeyError, ValidationError)) or not cause.full_key:
-        return None
+    if not isinstance(cause, (ConfigKeyError, ValidationError)) or not cause.full_key or cause.full_key.startswith("hydra."):
+        return None  # hydra.* (the search's hydra.sweeper too) is Hydra's schema: its own message says it
     message = str(error)
     where = message[4:].split("'", 1)[0] + ": " if message.startswith("In '") else ""
     if isinstance(cause, ConfigKeyError):
@@ -102,6 +105,8 @@ def check_overrides(overrides: Sequence[str]) -> None:
         if override.package is not None or override.is_delete() or override.is_hydra_override():
             continue
         found = lookup(key)
+        if found is None and package_file(f"conf/{key}").is_dir():
+            continue  # a group outside the job's config: +search=default (it sets hydra.sweeper)
         if found is None:
             raise _unknown_setting(key)
         kind = found[0]

@@ -1,4 +1,5 @@
-"""evaluate's report.md: the numbers, then up to ten sampled completions per class, before and after."""
+"""evaluate's report.md: the numbers, then up to ten sampled completions per class, before and after (none when
+eval.generate=false: only the forward-only numbers)."""
 
 from __future__ import annotations
 
@@ -25,20 +26,48 @@ def _quote(text: str, limit: int = 600) -> str:
     return "\n".join("> " + line for line in (text or "(nothing)").splitlines() or ["(nothing)"])
 
 
-def report_text(metrics: Mapping[str, Any], rows: Sequence[Mapping[str, Any]], harmless_rows: Sequence[Mapping[str, Any]]) -> str:
-    lines = [
-        "# Evaluation", "",
+def _numbers(metrics: Mapping[str, Any]) -> list[str]:
+    """The before/after table and the KL line; without generation (eval.generate=false) the forward-only ones."""
+    tokens = ", ".join(repr(token["text"]) for token in metrics["refusal_tokens"])
+    score = (f"| refusal score (harmful, first-token mass on {tokens}) | {metrics['refusal_score_before']:.4f} | "
+             f"{metrics['refusal_score_after']:.4f} |")
+    kl = f"KL(original || edited): first token {metrics['kl_divergence']:.4f} nats"
+    how = "Measured: " + "; ".join(f"{name} {way}" for name, way in metrics["measured"].items() if name != "baseline") + "."
+    if metrics["generate"] is not True:
+        return ["No generation (eval.generate=false): forward-only numbers.", "",
+                "| | before | after |", "|---|---|---|", score, "", f"{kl}, {metrics['n_kl_prompts']} prompts.", "", how, ""]
+    return [
         f"Judge `{metrics['judge']}`, up to {metrics['max_new_tokens']} answer tokens per prompt.", "",
         "| | before | after |", "|---|---|---|",
         f"| refusal rate (harmful) | {_rate(metrics['refusal_before'])} | {_rate(metrics['refusal_after'])} |",
         f"| classes (harmful) | {_classes(metrics['outcomes_before'])} | {_classes(metrics['outcomes_after'])} |",
+        score,
         f"| over-refusal (harmless) | {_rate(metrics['over_refusal_before'])} | {_rate(metrics['over_refusal_after'])} |",
         f"| classes (harmless) | {_classes(metrics['harmless_outcomes_before'])} | {_classes(metrics['harmless_outcomes_after'])} |",
         "",
-        f"KL(original || edited): first token {metrics['kl_divergence']:.4f} nats; per token over the original's own "
-        f"harmless completions (first {metrics['kl_tokens']} tokens, teacher-forced) {metrics['per_token_kl']:.4f} nats, "
-        f"{metrics['n_kl_prompts']} prompts.", "",
+        f"{kl}; per token over the original's own harmless completions (first {metrics['kl_tokens']} tokens, "
+        f"teacher-forced) {metrics['per_token_kl']:.4f} nats, {metrics['n_kl_prompts']} prompts.", "", how, "",
     ]
+
+
+def _categories(metrics: Mapping[str, Any]) -> list[str]:
+    """The per-category table of the harmless prompts (first-token KL, over-refusal when generated)."""
+    breakdown = metrics["harmless_by_category"]
+    if not breakdown:
+        return []
+    generated = metrics["generate"] is True
+    lines = ["By harmless category:", "", "| category | prompts | first-token KL |" + (" over-refusal before → after |" if generated else ""),
+             "|---|---|---|" + ("---|" if generated else "")]
+    for name, entry in breakdown.items():
+        row = f"| {name} | {entry['n']} | {entry['kl']:.4f} |"
+        if generated:
+            row += f" {entry['over_refusal_before']} → {entry['over_refusal_after']} |"
+        lines.append(row)
+    return [*lines, ""]
+
+
+def report_text(metrics: Mapping[str, Any], rows: Sequence[Mapping[str, Any]], harmless_rows: Sequence[Mapping[str, Any]]) -> str:
+    lines = ["# Evaluation", "", *_numbers(metrics), *_categories(metrics)]
     for title, pairs in (("Harmful prompts", rows), ("Harmless prompts", harmless_rows)):
         for side in ("before", "after"):
             for name in OUTCOMES:

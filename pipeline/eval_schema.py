@@ -1,5 +1,6 @@
 """The `eval` section of the typed config (`pipeline.schema` composes it under the root): generation budget,
-thinking switch, KL prompts and tokens, and the judges' settings (documented in conf/eval/default.yaml)."""
+thinking switch, KL prompts and tokens, generation and streaming switches, and the judges' settings (documented in
+conf/eval/default.yaml)."""
 
 from __future__ import annotations
 
@@ -16,6 +17,19 @@ class Thinking(StrEnum):
     off = "off"
     on = "on"
     template = "template"
+
+
+class Streaming(StrEnum):
+    """`collect.streaming` and `eval.streaming`."""
+
+    off = "off"  # the model in memory (or placed by accelerate), every batch through every layer
+    layers = "layers"  # pipeline.layer_stream: every batch through one decoder layer at a time, each weight read once
+    auto = "auto"  # layers when the model does not fit the memory accelerate would give it
+
+
+class EvalSplit(StrEnum):
+    eval = "eval"
+    validation = "validation"
 
 
 class JudgeName(StrEnum):
@@ -77,6 +91,9 @@ class EvalConfig:
     batch_size: int = setting(ge=1)
     kl_prompts: int = setting(ge=1)
     kl_tokens: int = setting(ge=1)
+    split: EvalSplit = MISSING
+    generate: bool = MISSING
+    streaming: Streaming = MISSING  # off | layers | auto, forward-only numbers (not in the cache key: equal within 1e-5)
     judge: JudgeName = MISSING
     refusal_markers: List[str] = MISSING
     late_refusal_markers: List[str] = MISSING

@@ -174,12 +174,16 @@ def first_token_logprobs(
     return result
 
 
-def kl_divergence(reference_logprobs: torch.Tensor, edited_logprobs: torch.Tensor) -> float:
-    """Mean over prompts of KL(reference || edited), in nats; 0 for identical models."""
+def kl_per_prompt(reference_logprobs: torch.Tensor, edited_logprobs: torch.Tensor) -> torch.Tensor:
+    """KL(reference || edited) of each prompt's first-token distribution, in nats (float64, unclamped)."""
     if reference_logprobs.shape != edited_logprobs.shape:
         raise ValueError(f"logprob shapes differ: {tuple(reference_logprobs.shape)} vs {tuple(edited_logprobs.shape)}")
-    per_prompt = F.kl_div(edited_logprobs.double(), reference_logprobs.double(), log_target=True, reduction="none").sum(-1)
-    return float(per_prompt.mean().clamp(min=0.0))
+    return F.kl_div(edited_logprobs.double(), reference_logprobs.double(), log_target=True, reduction="none").sum(-1)
+
+
+def kl_divergence(reference_logprobs: torch.Tensor, edited_logprobs: torch.Tensor) -> float:
+    """Mean over prompts of KL(reference || edited), in nats; 0 for identical models."""
+    return float(kl_per_prompt(reference_logprobs, edited_logprobs).mean().clamp(min=0.0))
 
 
 # --- per-token KL over the original model's own completions ----------------------------------------------

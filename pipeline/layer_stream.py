@@ -19,6 +19,8 @@ from disk once and memory holds one decoder layer plus the prompts' hidden state
 
 Per-layer loading goes through `transformers.core_model_loading.convert_and_load_state_dict_in_model`,
 the function `from_pretrained` itself calls, so the loaded parameters are the ones it would load.
+Collect streams residuals (`residual_batches_of`); the forward-only scores stream logits through the head
+(`pipeline.forward_scores`, `head=True`).
 """
 
 from __future__ import annotations
@@ -104,6 +106,9 @@ class LayerStream:
         self._handles: dict[str, Any] = {}
         self.layer_keys, other_keys = self._index_keys(head)
         self._load(other_keys)
+        # a tied LM head is the embedding, tied as from_pretrained ties it
+        unread = {name for name, tensor in model.state_dict().items() if tensor.is_meta and not _in_layers(name, model)}
+        model.tie_weights(missing_keys=unread, recompute_mapping=False)
         for name, buffer in list(model.named_buffers()):
             if not name.startswith(_layers_path(model) + "."):
                 _set_tensor(model, name, buffer.to(self.device))
@@ -266,7 +271,7 @@ class LayerStream:
             states.append(hidden)
             # the copy the in-memory hook makes (float32 on the module's device), then to the CPU
             embeds.append(embed[:, -span:, :].to(dtype=torch.float32, copy=True).cpu())
-        place = self._state_device(states)
+        place = self.state_device(states)
         states = [state.to(place) for state in states]
         captured: list[list[torch.Tensor]] = [[] for _ in batches]
         for index, module in self.layer_weights(progress, description):
@@ -281,7 +286,7 @@ class LayerStream:
             results[group].append(ResidualBatch(indices=batch, layers=torch.stack(layers, dim=1), embed=embed))
         return results
 
-    def _state_device(self, states: Sequence[torch.Tensor]) -> torch.device:
+    def state_device(self, states: Sequence[torch.Tensor]) -> torch.device:
         """The compute device when every batch's hidden state fits beside the largest layer, else the CPU."""
         if self.device.type == "cpu":
             return self.device
@@ -304,12 +309,14 @@ def memory_budget(model_cfg: Mapping[str, Any]) -> int:
     return int(sum(size for device, size in limits.items() if device != "disk"))
 
 
-def choose(setting: str, model_cfg: Mapping[str, Any], model_dir: Path, dtype: str) -> tuple[str, str]:
-    """(`off` or `layers`, why) for `collect.streaming`; `auto` streams when the model exceeds `memory_budget`."""
+def choose(setting: str, model_cfg: Mapping[str, Any], model_dir: Path, dtype: str,
+           key: str = "collect.streaming") -> tuple[str, str]:
+    """(`off` or `layers`, why) for `key` (`collect.streaming`, `eval.streaming`); `auto` streams when the model
+    exceeds `memory_budget`."""
     if setting in ("off", "layers"):
-        return setting, f"collect.streaming={setting}"
+        return setting, f"{key}={setting}"
     if setting != "auto":
-        raise PipelineError(f"collect.streaming={setting!r} is not one of off, layers, auto")
+        raise PipelineError(f"{key}={setting!r} is not one of off, layers, auto")
     need, budget = checkpoint_bytes(model_dir, dtype), memory_budget(model_cfg)
     chosen = "layers" if need > budget else "off"
     return chosen, f"auto: model {need / 2**30:.2f} GiB in {dtype}, memory {budget / 2**30:.2f} GiB -> {chosen}"

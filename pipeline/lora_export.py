@@ -2,9 +2,12 @@
 
 For the orthogonal method every edited matrix W [hidden, in] (hidden = the output axis) changes by
 ΔW = -s·r̂(r̂ᵀW), which is exactly rank 1: lora_B = -s·r̂ [hidden, 1], lora_A = r̂ᵀW [1, in], with
-r = lora_alpha = 1 so PEFT's scaling is 1. Per-expert matrices that transformers fuses in memory into one
+r = lora_alpha = 1 so PEFT's scaling is 1. A plan with `directions: k` removes a subspace with orthonormal
+basis Q [k, hidden]: ΔW = -s·Qᵀ(QW) is exactly rank k, lora_B = -s·Qᵀ [hidden, k], lora_A = QW [k, in],
+r = lora_alpha = k. Per-expert matrices that transformers fuses in memory into one
 [E, hidden, inter] parameter (`mlp.experts.down_proj`) become one PEFT `target_parameters` entry whose
-lora_A stacks the experts' rows [E, inter] and lora_B their columns [hidden, E].
+lora_A stacks the experts' factors expert by expert [E·k, inter] and lora_B rank by rank [hidden, k·E]
+(the layouts PEFT's ParamWrapper reshapes to [E, k, inter] and [hidden, k, E]).
 
 Refused, each with one line: norm_preserving (the per-column rescale after the removal makes ΔW full
 rank in general: no rank below min(out, in) reproduces it), an edited bias, the embedding edit
@@ -27,7 +30,8 @@ from pipeline.architectures import residual_writers
 from pipeline.artifacts import save_tensors
 from pipeline.errors import PipelineError
 from pipeline.models import read_model_config
-from pipeline.weight_edit import EMBED_HIT, plan_editor
+from pipeline.plan import plan_directions
+from pipeline.weight_edit import EMBED_HIT, orthonormal_rows, plan_editor
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
@@ -72,7 +76,7 @@ def write_adapter(source_dir: Path, out_dir: Path, plan: Mapping[str, Any], dire
                     raise PipelineError(f"export.format=lora: {name} is a fused {weight.dim()}-D expert tensor "
                                         f"{tuple(weight.shape)}; LoRA export covers per-expert 2-D matrices only, "
                                         "use export.format=safetensors")
-                factors = (direction @ weight).unsqueeze(0), (-scale * direction).unsqueeze(1)
+                factors = _factors(direction, weight, scale)
                 expert = _PER_EXPERT.fullmatch(name)
                 if expert is not None:
                     fused = f"{expert['stem']}mlp.experts.down_proj"
@@ -96,18 +100,29 @@ def write_adapter(source_dir: Path, out_dir: Path, plan: Mapping[str, Any], dire
         if order != list(range(len(order))):
             raise PipelineError(f"export.format=lora: experts of {parameter} are not numbered 0..{len(order) - 1}")
         module = parameter.rpartition(".")[0]
+        lora_b = torch.stack([per_expert[e][1] for e in order], dim=2)  # [hidden, k, E]: rank-major columns
         tensors[f"{PREFIX}{module}.lora_A.weight"] = torch.cat([per_expert[e][0] for e in order]).contiguous()
-        tensors[f"{PREFIX}{module}.lora_B.weight"] = torch.cat([per_expert[e][1] for e in order], dim=1).contiguous()
+        tensors[f"{PREFIX}{module}.lora_B.weight"] = lora_b.reshape(lora_b.shape[0], -1).contiguous()
+    rank = plan_directions(plan)
     out_dir.mkdir(parents=True, exist_ok=True)
     save_tensors(tensors, out_dir / ADAPTER_WEIGHTS, metadata={"format": "pt"})
     adapter = {
         "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model,
-        "r": 1, "lora_alpha": 1, "lora_dropout": 0.0, "bias": "none", "fan_in_fan_out": False,
+        "r": rank, "lora_alpha": rank, "lora_dropout": 0.0, "bias": "none", "fan_in_fan_out": False,
         "use_rslora": False, "use_dora": False, "init_lora_weights": True, "inference_mode": True,
         "target_modules": sorted(modules), "target_parameters": sorted(experts) or None,
     }
     (out_dir / ADAPTER_CONFIG).write_text(json.dumps(adapter, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     return {"modules": len(modules), "parameters": len(experts)}
+
+
+def _factors(direction: torch.Tensor, weight: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(lora_A [k, in], lora_B [hidden, k]) with lora_B @ lora_A = the edit's change of `weight` [hidden, in]:
+    -s·r̂(r̂ᵀW) for one unit direction, -s·Qᵀ(QW) for the orthonormal basis the edit itself uses."""
+    if direction.dim() == 1:
+        return (direction @ weight).unsqueeze(0), (-scale * direction).unsqueeze(1)
+    basis = orthonormal_rows(direction)
+    return basis @ weight, -scale * basis.T
 
 
 def checkpoint_shards(source_dir: Path) -> list[str]:

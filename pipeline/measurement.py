@@ -1,6 +1,6 @@
 """The measurement format (`measurements.safetensors`): per-layer directions and statistics, and their ranking.
 
-It is the hand-off from `measure` to `select`, `ablate`, `optimize` and `regen`, and a file people
+It is the hand-off from `measure` to `select`, `ablate`, `evaluate` and `regen`, and a file people
 commit (tests/plans/): float32 [num_layers, hidden] directions, float64 [num_layers] statistics, and
 metadata strings that say which model and prompts it was measured on. Reading refuses anything that
 would need unpickling and any file whose tensors disagree with its own metadata.
@@ -46,6 +46,11 @@ STATISTIC_TENSORS = (
 )
 """[num_layers] tensors, stored as float64."""
 
+EXTRA_DIRECTIONS = "directions_extra"
+"""Optional [num_layers, MAX_DIRECTIONS - 1, hidden] float32: per layer, the top principal directions of the
+harmful activations minus the harmless mean, refusal direction projected out (`select.directions` > 1). Only a
+collect artifact that kept every activation has them; a row is zero where the prompts span fewer directions."""
+
 STREAMED_TENSORS = tuple(f"{label}_{part}" for label in ("harmful", "harmless") for part in ("sum", "sumsq", "count"))
 """What a streamed collect artifact (`activations: streamed`) holds instead of `harmful`/`harmless`."""
 
@@ -78,9 +83,16 @@ def read_measurements(path: Path) -> Measurements:
         missing = sorted(expected - set(measurements.keys())) + [k for k in COPIED_METADATA if k not in meta]
         if missing:
             raise PipelineError(f"{path} is not a measurement file (missing {', '.join(missing)}); re-run measure")
-        tensors = {name: measurements.get_tensor(name) for name in sorted(expected)}
+        optional = {EXTRA_DIRECTIONS} & set(measurements.keys())  # absent from streamed and older measurements
+        tensors = {name: measurements.get_tensor(name) for name in sorted(expected | optional)}
     num_layers, hidden_size = tensors["refusal_direction"].shape
     check_measurement_matches(meta, hidden_size=hidden_size, num_layers=num_layers, source=str(path))
+    extra = tensors.get(EXTRA_DIRECTIONS)
+    if extra is not None and (extra.dim() != 3 or extra.shape[0] != num_layers or extra.shape[2] != hidden_size):
+        raise PipelineError(
+            f"{path}: {EXTRA_DIRECTIONS} has shape {list(extra.shape)}, expected [{num_layers}, k, {hidden_size}]; "
+            "re-run measure"
+        )
     return Measurements(meta=meta, tensors=tensors)
 
 

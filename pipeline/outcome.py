@@ -107,7 +107,9 @@ def _partial_lines(stages: Mapping[str, Mapping[str, Any]]) -> list[str]:
                      f"prompts over {meta['num_layers']} layers of {meta['model_id']}: {stages['collect']['dir']}")
     if "baseline" in stages:
         baseline = _read_json(Path(stages["baseline"]["dir"]) / "baseline.json")
-        lines.append(f"original model's refusal rate on held-out harmful prompts: {_interval(baseline['refusal'])}")
+        if "refusal" in baseline:  # absent with eval.generate=false
+            lines.append(f"original model's refusal rate on held-out harmful prompts: {_interval(baseline['refusal'])}")
+        lines.append(f"original model's refusal score (first-token mass on refusal tokens): {baseline['refusal_score']:.4f}")
     if "measure" in stages:
         lines.append(f"refusal directions and quality per layer: {Path(stages['measure']['dir']) / 'quality.png'}")
     if "select" in stages and "ablate" not in stages:
@@ -121,8 +123,11 @@ def summary_lines(run: Mapping[str, Any], run_dir: Path | None = None, linked: M
     lines = []
     if "evaluate" in stages:
         metrics = _read_json(Path(stages["evaluate"]["dir"]) / "metrics.json")
-        lines.append("refusal rate on held-out harmful prompts (95% Wilson interval): "
-                     f"{_interval(metrics['refusal_before'])} -> {_interval(metrics['refusal_after'])}")
+        if "refusal_before" in metrics:  # absent with eval.generate=false
+            lines.append("refusal rate on held-out harmful prompts (95% Wilson interval): "
+                         f"{_interval(metrics['refusal_before'])} -> {_interval(metrics['refusal_after'])}")
+        lines.append("refusal score (first-token mass on refusal tokens): "
+                     f"{metrics['refusal_score_before']:.4f} -> {metrics['refusal_score_after']:.4f}")
         lines.append(f"KL divergence on {metrics['n_kl_prompts']} harmless prompts (first token): "
                      f"{metrics['kl_divergence']:.4f} nats")
     else:

@@ -6,6 +6,15 @@ sorted keys, fixed float formatting, one line per layer, no timestamps. The
 same inputs give byte-identical files, which is what lets CI regenerate plans
 and diff them (`python -m pipeline.regen --check`).
 
+A plan may remove more than one direction per layer: `directions: k` (top level, 2 to
+`schema.MAX_DIRECTIONS`; absent means 1, and a plan with k = 1 never carries the key, so its text is what
+it was before the option existed). Each planned layer then removes the k-dimensional subspace spanned by
+its first direction (what `direction_from` gives today) and the first k-1 extra directions of the
+measurement (`measurement.EXTRA_DIRECTIONS`), taken from the same layer `direction_from` names; for a
+fractional `direction_from` the extra subspaces of the two neighbouring layers are blended the way the
+first direction is (`weight_edit.direction_basis`), and the whole basis is orthonormalized with the first
+direction first.
+
 This module owns the format only; choosing layers is `pipeline.selection`.
 """
 
@@ -18,13 +27,13 @@ from typing import Any, Mapping
 
 from pipeline.errors import PipelineError
 from pipeline.safe_yaml import load_yaml_file
-from pipeline.schema import SCALE_RANGE
+from pipeline.schema import MAX_DIRECTIONS, SCALE_RANGE
 
 METHODS = ("orthogonal", "norm_preserving")
 DIRECTION_SOURCES = ("own", "best")
 """What `select.direction_from` may ask for: each layer's own direction, or the best selected layer's."""
 PLAN_DIRECTION_SOURCES = (*DIRECTION_SOURCES, "single")
-"""What a plan may record: `single` is one shared direction chosen by a search (`pipeline.optimize`),
+"""What a plan may record: `single` is one shared direction chosen by a search (`pipeline.search`),
 possibly interpolated between two layers (direction_from 12.5 blends layers 12 and 13)."""
 HEADER = (
     "# ablation plan (select, optimize or by hand); replay: python -m pipeline plan=<file>; regen: python -m pipeline.regen\n"
@@ -42,8 +51,9 @@ _TOP_LEVEL = {
     "direction_source": str,
     "layers": list,
 }
-_TOP_LEVEL_OPTIONAL = {"thresholds": dict}
-"""select writes the thresholds that chose its layers; a plan found by a search has none."""
+_TOP_LEVEL_OPTIONAL = {"thresholds": dict, "directions": int}
+"""select writes the thresholds that chose its layers; a plan found by a search has none. `directions`:
+how many directions each layer removes, written only when more than one."""
 _THRESHOLDS = {"min_quality": float, "top_n": int, "relative_min": float, "skip_first": float, "skip_last": float}
 LAYER_INDEX = "layer index"
 """Type tag for `direction_from`: an integer layer, or a fractional position between two layers."""
@@ -115,6 +125,10 @@ def _normalized(plan: Any) -> dict:
         raise _NotAPlan(
             f"direction_source must be one of {', '.join(PLAN_DIRECTION_SOURCES)}, got {plan['direction_source']!r}"
         )
+    if not 1 <= plan.get("directions", 1) <= MAX_DIRECTIONS:
+        raise _NotAPlan(f"directions must be within 1..{MAX_DIRECTIONS}, got {plan['directions']}")
+    if plan.get("directions") == 1:
+        del plan["directions"]  # the canonical form of one direction is no key: the text of every earlier plan
     if plan["hidden_size"] < 1 or plan["num_layers"] < 1:
         raise _NotAPlan("hidden_size and num_layers must be >= 1")
     if not plan["layers"]:
@@ -143,6 +157,11 @@ def _normalized(plan: Any) -> dict:
         raise _NotAPlan(f"direction_source is {source} but the layers take directions from different layers")
     plan["layers"] = sorted(layers, key=lambda entry: entry["layer"])
     return plan
+
+
+def plan_directions(plan: Mapping[str, Any]) -> int:
+    """How many directions each layer of a validated plan removes (1 when the plan does not say)."""
+    return int(plan.get("directions", 1))
 
 
 def validate_plan(plan: Any, source: str) -> dict:

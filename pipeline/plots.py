@@ -46,7 +46,7 @@ def plot_pareto(
 ) -> None:
     """Refusal rate against KL for points `(kl, refusal_rate)`: every point in grey, the Pareto front
     (`pipeline.pareto.pareto_front` indices) as a step line, optional per-point labels, the `chosen`
-    point as a star and the `optimize.max_kl` budget as a dashed line (the sweep summary and the plan search)."""
+    point as a star and the search's `max_kl` budget as a dashed line (the sweep summary and the plan search)."""
     figure = Figure(figsize=(8, 5))
     FigureCanvasAgg(figure)
     axes = figure.add_subplot()
@@ -61,7 +61,7 @@ def plot_pareto(
             axes.scatter(*points[chosen], s=160, marker="*", color="gold", edgecolor="black", zorder=5,
                          label=chosen_label)
         if max_kl is not None:
-            axes.axvline(max_kl, color="black", linestyle="--", linewidth=1, label=f"optimize.max_kl={max_kl:g}")
+            axes.axvline(max_kl, color="black", linestyle="--", linewidth=1, label=f"max_kl={max_kl:g}")
         axes.legend(loc="upper right", fontsize=8)
     else:
         axes.text(0.5, 0.5, empty, ha="center", va="center", transform=axes.transAxes)

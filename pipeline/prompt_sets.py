@@ -1,11 +1,15 @@
-"""Load the harmful/harmless prompt sets and split them into train and eval.
+"""Load the harmful/harmless prompt sets and split them into train, eval and validation.
 
 The refusal direction is the difference of mean activations over two prompt
 sets, and the evaluate stage judges the ablated model on prompts it never saw.
 So this module has two jobs: turn a `prompts.<side>` spec (shipped file, local
 file or Hugging Face dataset) into a hashed tuple of texts, and split it into
-disjoint train/eval lists that depend only on (content hash, seed, sizes), so
-a cached `collect` artifact and a later `evaluate` run agree on the split.
+disjoint train/eval/validation lists that depend only on (content hash, seed,
+sizes), so a cached `collect` artifact and a later `evaluate` run agree on the
+split. A choice made by looking at scores (a plan search, a preset) is made on
+the validation slice and reported on the eval slice, which it never saw.
+Rows may carry a category (`category_field`), so results can be broken down by
+the kind of prompt (code, translation, ...).
 """
 
 from __future__ import annotations
@@ -54,14 +58,18 @@ class PromptSet:
 
 @dataclass(frozen=True)
 class PromptSplits:
-    """Train prompts feed collect/measure; eval prompts are held out for evaluate."""
+    """Train prompts feed collect/measure; eval and validation prompts are held out (`eval.split` picks one)."""
 
     harmful_train: list[str]
     harmful_eval: list[str]
+    harmful_val: list[str]
     harmless_train: list[str]
     harmless_eval: list[str]
+    harmless_val: list[str]
     hashes: dict[str, str]
     """{"harmful": sha256, "harmless": sha256}: recorded in manifests and cache keys."""
+    categories: dict[str, dict[str, str]]
+    """{"harmful": {prompt: category}, "harmless": {...}}, each {} for a set whose spec has no category_field."""
 
 
 def normalize_prompt(text: str) -> str:
@@ -79,7 +87,8 @@ def load_prompt_set(spec: Mapping[str, Any]) -> PromptSet:
     Keys: `source` (`pkg:<path in the pipeline package>`, `hf:<dataset>`, or an
     absolute or relative file path), `field` (column of jsonl/json/csv/parquet/hf
     rows; null means "text"; ignored for .txt and for JSON lists of strings),
-    `split` (hf split, null means "train") and optional `subset` (hf config name).
+    `split` (hf split, null means "train") and optional `subset` (hf config name); `prompt_categories`
+    reads `category_field`.
     Repeated prompts (after `normalize_prompt`) are dropped, keeping the first,
     so a duplicated row can never land in both train and eval.
     """
@@ -89,56 +98,81 @@ def load_prompt_set(spec: Mapping[str, Any]) -> PromptSet:
     field = spec.get("field") or DEFAULT_FIELD
     if source.startswith(HF_PREFIX):
         name = source[len(HF_PREFIX):]
-        texts = _load_hf(name, spec.get("subset"), spec.get("split") or DEFAULT_HF_SPLIT, field)
+        dataset, label = _hf_dataset(name, spec.get("subset"), spec.get("split") or DEFAULT_HF_SPLIT)
+        texts = _clean(_hf_column(dataset, label, field), label)
+        if not texts:
+            raise PipelineError(f"dataset {label} column {field!r} holds no prompts; pick another column or dataset")
         texts = _deduplicate(texts)
         digest = hashlib.sha256("\n".join(texts).encode("utf-8")).hexdigest()
         return PromptSet(texts=texts, sha256=digest, source=source)
     label, data = _read_source_bytes(source)
-    texts = _deduplicate(_parse(label, data, field))
+    texts = _deduplicate(_clean(_column(label, data, field, bare=True), label))
     if not texts:
         raise PipelineError(f"prompt file {label} contains no prompts; add one prompt per line/row or pick another file")
     return PromptSet(texts=texts, sha256=hashlib.sha256(data).hexdigest(), source=label)
 
 
-def split_prompts(prompt_set: PromptSet, seed: int, n_train: int, n_eval: int) -> tuple[list[str], list[str]]:
-    """Shuffle with a generator seeded by (content hash, seed); train is the head, eval the next slice.
+def split_prompts(
+    prompt_set: PromptSet, seed: int, n_train: int, n_eval: int, n_val: int
+) -> tuple[list[str], list[str], list[str]]:
+    """Shuffle with a generator seeded by (content hash, seed); train is the head, then eval, then validation.
 
     A pure function of its inputs: editing the file or changing the seed gives a
     new split, rerunning gives the same one. Disjoint because the slices do not overlap.
+    Validation comes last, so adding it (or resizing it) leaves train and eval as they were.
     """
-    if n_train < 1 or n_eval < 1:
+    if min(n_train, n_eval, n_val) < 1:
         raise PipelineError(
-            f"n_train={n_train} and n_eval={n_eval} for {prompt_set.source} must both be >= 1; "
-            "set prompts.n_train and prompts.n_eval to positive numbers"
+            f"n_train={n_train}, n_eval={n_eval} and n_val={n_val} for {prompt_set.source} must all be >= 1; "
+            "set prompts.n_train, prompts.n_eval and prompts.n_val to positive numbers"
         )
-    needed = n_train + n_eval
+    needed = n_train + n_eval + n_val
     if len(prompt_set.texts) < needed:
         raise PipelineError(
-            f"{prompt_set.source} has {len(prompt_set.texts)} distinct prompts but n_train + n_eval = {needed}; "
-            "lower prompts.n_train/prompts.n_eval or use a larger prompt set"
+            f"{prompt_set.source} has {len(prompt_set.texts)} distinct prompts but n_train + n_eval + n_val = {needed}; "
+            "lower prompts.n_train/prompts.n_eval/prompts.n_val or use a larger prompt set"
         )
     order = list(range(len(prompt_set.texts)))
     random.Random(f"{prompt_set.sha256}:{seed}").shuffle(order)
-    train = [prompt_set.texts[i] for i in order[:n_train]]
-    held_out = [prompt_set.texts[i] for i in order[n_train:needed]]
-    return train, held_out
+    shuffled = [prompt_set.texts[i] for i in order]
+    return shuffled[:n_train], shuffled[n_train:n_train + n_eval], shuffled[n_train + n_eval:needed]
 
 
 def prompt_splits(prompts_cfg: Mapping[str, Any]) -> PromptSplits:
-    """Load and split both classes of the resolved `prompts` config group."""
-    seed, n_train, n_eval = int(prompts_cfg["seed"]), int(prompts_cfg["n_train"]), int(prompts_cfg["n_eval"])
+    """Load and split both classes of the resolved `prompts` config group.
+
+    The runner calls this while it computes cache keys, so a set too small for the three slices, or a
+    category column that is missing, stops the run with one line before any stage works.
+    """
+    sizes = int(prompts_cfg["n_train"]), int(prompts_cfg["n_eval"]), int(prompts_cfg["n_val"])
+    seed = int(prompts_cfg["seed"])
     harmful = load_prompt_set(prompts_cfg["harmful"])
     harmless = load_prompt_set(prompts_cfg["harmless"])
     check_classes_disjoint(harmful, harmless)
-    harmful_train, harmful_eval = split_prompts(harmful, seed, n_train, n_eval)
-    harmless_train, harmless_eval = split_prompts(harmless, seed, n_train, n_eval)
+    harmful_train, harmful_eval, harmful_val = split_prompts(harmful, seed, *sizes)
+    harmless_train, harmless_eval, harmless_val = split_prompts(harmless, seed, *sizes)
     return PromptSplits(
         harmful_train=harmful_train,
         harmful_eval=harmful_eval,
+        harmful_val=harmful_val,
         harmless_train=harmless_train,
         harmless_eval=harmless_eval,
+        harmless_val=harmless_val,
         hashes={"harmful": harmful.sha256, "harmless": harmless.sha256},
+        categories={
+            "harmful": _categories(prompts_cfg["harmful"], harmful),
+            "harmless": _categories(prompts_cfg["harmless"], harmless),
+        },
     )
+
+
+def prompt_categories(spec: Mapping[str, Any]) -> dict[str, str]:
+    """{prompt: category} for every prompt `load_prompt_set(spec)` returns, from the `category_field` column.
+
+    {} when `category_field` is null (a set without categories). Evaluate breaks KL and over-refusal down
+    by it: a plan can look harmless on short requests and still damage code or translation.
+    """
+    return _categories(spec, load_prompt_set(spec))
 
 
 def shared_prompts(first: Sequence[str], second: Sequence[str]) -> list[str]:
@@ -165,6 +199,33 @@ def check_classes_disjoint(harmful: PromptSet, harmless: PromptSet) -> None:
             f"{len(shared)} prompt(s) are in both the harmful set {harmful.source} and the harmless set "
             f"{harmless.source}, e.g. {shared[0][:80]!r}; remove them from one of the sets"
         )
+
+
+def _categories(spec: Mapping[str, Any], prompt_set: PromptSet) -> dict[str, str]:
+    """Pair each row's prompt with its category; a duplicated prompt keeps its first row's, as the loader does."""
+    category_field = spec["category_field"]
+    if category_field is None:
+        return {}
+    field, source = spec.get("field") or DEFAULT_FIELD, spec["source"]
+    if source.startswith(HF_PREFIX):
+        dataset, label = _hf_dataset(source[len(HF_PREFIX):], spec.get("subset"), spec.get("split") or DEFAULT_HF_SPLIT)
+        prompts, categories = _hf_column(dataset, label, field), _hf_column(dataset, label, category_field)
+    else:
+        label, data = _read_source_bytes(source)
+        if Path(label).suffix.lower() == ".txt":
+            return {}  # one prompt per line, no columns: category_field is ignored here, as field is
+        prompts, categories = _column(label, data, field, bare=True), _column(label, data, category_field, bare=False)
+    first: dict[str, str] = {}
+    for number, (prompt, category) in enumerate(zip(prompts, categories), start=1):
+        if not isinstance(prompt, str) or not prompt.strip():
+            continue  # the loader skips blank rows (and refused non-text ones already)
+        if not isinstance(category, str) or not category.strip():
+            raise PipelineError(
+                f"prompt source {label}: row {number} has no {category_field!r} text; "
+                "give every prompt a category or set prompts.*.category_field to null"
+            )
+        first.setdefault(normalize_prompt(prompt), category.strip())
+    return {text: first[normalize_prompt(text)] for text in prompt_set.texts}
 
 
 def _deduplicate(texts: Sequence[str]) -> tuple[str, ...]:
@@ -218,29 +279,33 @@ def _bounded_read(label: str, resource: Any) -> bytes:
     return resource.read_bytes()
 
 
-def _parse(label: str, data: bytes, field: str) -> list[str]:
-    """Dispatch on the extension; every parser returns stripped, non-blank strings."""
+def _column(label: str, data: bytes, field: str, bare: bool) -> list[Any]:
+    """The raw value of `field` in every row, dispatching on the extension (a .txt file: its lines, whatever the field).
+
+    A bare JSON string row is a prompt and nothing else: it answers for any field when `bare` (the prompt
+    column) and is an error otherwise (a category column).
+    """
     extension = Path(label).suffix.lower()
     if extension == ".parquet":
-        return _parse_parquet(label, data, field)
+        return _parquet_column(label, data, field)
     try:
         text = data.decode("utf-8-sig")
     except UnicodeDecodeError as error:
         raise PipelineError(f"prompt file {label} is not UTF-8 (byte {error.start}); re-save it as UTF-8") from None
     if extension == ".txt":
-        return _clean(text.split("\n"), label)
+        return text.split("\n")
     if extension == ".jsonl":
         rows = []
         for number, line in enumerate(text.split("\n"), start=1):
             if line.strip():
                 rows.append(_json_value(label, line, f"line {number}"))
-        return _rows_to_texts(label, rows, field)
+        return _rows_column(label, rows, field, bare)
     if extension == ".json":
         rows = _json_value(label, text, "document") if text.strip() else []
         if not isinstance(rows, list):
             raise PipelineError(f"prompt file {label} must hold a JSON list of strings or objects, not {type(rows).__name__}")
-        return _rows_to_texts(label, rows, field)
-    return _parse_csv(label, text, field)
+        return _rows_column(label, rows, field, bare)
+    return _csv_column(label, text, field)
 
 
 def _json_value(label: str, text: str, where: str) -> Any:
@@ -250,32 +315,33 @@ def _json_value(label: str, text: str, where: str) -> Any:
         raise PipelineError(f"prompt file {label}: invalid JSON at {where} ({error.msg}); fix the file") from None
 
 
-def _rows_to_texts(label: str, rows: list[Any], field: str) -> list[str]:
-    """Rows are bare strings or objects holding `field`."""
+def _rows_column(label: str, rows: list[Any], field: str, bare: bool) -> list[Any]:
+    """Rows are bare strings (prompts only) or objects holding `field`."""
     values = []
     for number, row in enumerate(rows, start=1):
-        if isinstance(row, str):
+        if isinstance(row, str) and bare:
             values.append(row)
         elif isinstance(row, dict):
             if field not in row:
                 raise _missing_field(label, field, list(row), f"row {number}")
             values.append(row[field])
         else:
-            raise PipelineError(f"prompt file {label}: row {number} is {type(row).__name__}, expected a string or an object")
-    return _clean(values, label)
+            expected = "a string or an object" if bare else f"an object holding {field!r}"
+            raise PipelineError(f"prompt file {label}: row {number} is {type(row).__name__}, expected {expected}")
+    return values
 
 
-def _parse_csv(label: str, text: str, field: str) -> list[str]:
+def _csv_column(label: str, text: str, field: str) -> list[Any]:
     reader = csv.DictReader(io.StringIO(text, newline=""))
     columns = reader.fieldnames or []
     if not columns:
         return []
     if field not in columns:
         raise _missing_field(label, field, columns, "header")
-    return _clean([row[field] for row in reader], label)
+    return [row[field] for row in reader]
 
 
-def _parse_parquet(label: str, data: bytes, field: str) -> list[str]:
+def _parquet_column(label: str, data: bytes, field: str) -> list[Any]:
     import pyarrow as pa  # deferred: pyarrow is heavy and only parquet/hf sources need it
     import pyarrow.parquet as pq
 
@@ -285,11 +351,11 @@ def _parse_parquet(label: str, data: bytes, field: str) -> list[str]:
         raise PipelineError(f"prompt file {label} is not a readable parquet file ({_first_line(error)}); re-export it") from None
     if field not in table.column_names:
         raise _missing_field(label, field, table.column_names, "schema")
-    return _clean(table.column(field).to_pylist(), label)
+    return table.column(field).to_pylist()
 
 
-def _load_hf(name: str, subset: str | None, split: str, field: str) -> list[str]:
-    """Load a Hugging Face dataset through `datasets`, which uses its local cache when offline."""
+def _hf_dataset(name: str, subset: str | None, split: str) -> tuple[Any, str]:
+    """Load a Hugging Face dataset through `datasets`, which uses its local cache when offline; (dataset, label)."""
     import datasets  # deferred: importing datasets takes seconds and most runs use local files
 
     label = f"hf:{name}" + (f" (subset {subset})" if subset else "") + f" split {split}"
@@ -303,12 +369,13 @@ def _load_hf(name: str, subset: str | None, split: str, field: str) -> list[str]
         ) from None
     except ValueError as error:
         raise PipelineError(f"dataset {label} could not be loaded ({_first_line(error)}); fix prompts.*.subset/split") from None
+    return dataset, label
+
+
+def _hf_column(dataset: Any, label: str, field: str) -> list[Any]:
     if field not in dataset.column_names:
         raise _missing_field(label, field, dataset.column_names, "dataset")
-    texts = _clean(dataset[field], label)
-    if not texts:
-        raise PipelineError(f"dataset {label} column {field!r} holds no prompts; pick another column or dataset")
-    return texts
+    return list(dataset[field])
 
 
 def _first_line(error: Exception) -> str:
@@ -319,7 +386,7 @@ def _first_line(error: Exception) -> str:
 def _missing_field(label: str, field: str, present: Sequence[str], where: str) -> PipelineError:
     return PipelineError(
         f"prompt source {label} has no column {field!r} ({where} has: {', '.join(map(str, present)) or 'nothing'}); "
-        "set prompts.*.field to one of those"
+        "set prompts.*.field or prompts.*.category_field to one of those"
     )
 
 

@@ -6,13 +6,14 @@ For each layer it computes, in float64, the class means, the refusal direction
 It also keeps what a later stage or a person needs to judge a direction:
 the direction with the harmless mean projected out ("biprojected"), and the
 within-class spread, so a large difference of means can be told apart from a
-noisy one.
+noisy one. From kept activations it also finds the directions for
+`select.directions` > 1 (`extra_directions`).
 
 Activations are read one layer at a time (safetensors slices), so memory stays
 near one layer of activations however deep the model is. A streamed collect
 artifact (`collect.keep_activations=false`) holds per-layer sums instead; it
 gives the same means, directions and quality, the spread from E|x|^2 - |mean|^2,
-and NaN for the projection variances, which would need every activation.
+and NaN for the projection variances and no extra directions, which would need every activation.
 """
 
 from __future__ import annotations
@@ -24,7 +25,8 @@ import torch
 from safetensors import safe_open
 
 from pipeline.errors import PipelineError
-from pipeline.measurement import COPIED_METADATA, DIRECTION_TENSORS, STREAMED_TENSORS, Measurements
+from pipeline.measurement import COPIED_METADATA, DIRECTION_TENSORS, EXTRA_DIRECTIONS, STREAMED_TENSORS, Measurements
+from pipeline.schema import MAX_DIRECTIONS
 
 FORMULA_VERSION = 1
 """Written into every measurement's metadata; bump it, and the measure stage's version, when a formula below changes."""
@@ -48,6 +50,26 @@ def layer_statistics(harmful: torch.Tensor, harmless: torch.Tensor) -> dict[str,
         "harmful_proj_var": (harmful @ direction).var(correction=0),
         "harmless_proj_var": (harmless @ direction).var(correction=0),
     }
+
+
+def extra_directions(harmful: torch.Tensor, harmless_mean: torch.Tensor, direction: torch.Tensor, count: int) -> torch.Tensor:
+    """[count, hidden] float64: the top principal directions of the harmful activations minus the harmless mean,
+    with the unit refusal `direction` projected out first, so they are orthonormal and orthogonal to it.
+
+    The differences' mean is the difference of means, which lies along `direction`: after the projection they are
+    centred, and their principal directions are where harmful prompts differ from harmless ones besides the mean
+    direction (a second kind of request, a cluster of prompts). Rows past the differences' rank are zero. Each row's
+    sign makes its largest component positive, so the file does not depend on the SVD routine's sign choice.
+    """
+    differences = harmful.to(torch.float64) - harmless_mean
+    scale = differences.norm()
+    differences = differences - torch.outer(differences @ direction, direction)
+    _, singular, right = torch.linalg.svd(differences, full_matrices=False)
+    rows = torch.zeros(count, harmful.shape[1], dtype=torch.float64)
+    kept = min(count, right.shape[0])
+    rows[:kept] = right[:kept] * (singular[:kept] > 1e-9 * scale).unsqueeze(1)  # rounding noise is no direction
+    signs = torch.sign(rows.gather(1, rows.abs().argmax(dim=1, keepdim=True)))
+    return rows * torch.where(signs == 0, 1.0, signs)
 
 
 def streamed_layer_statistics(
@@ -113,8 +135,9 @@ def measure_activations(activations_path: Path) -> Measurements:
         else:
             per_layer = _kept_per_layer(activations, activations_path, num_layers, hidden_size)
     tensors = {name: torch.stack([stats[name] for stats in per_layer]) for name in per_layer[0]}
-    for name in DIRECTION_TENSORS:
-        tensors[name] = tensors[name].to(torch.float32)
+    for name in (*DIRECTION_TENSORS, EXTRA_DIRECTIONS):
+        if name in tensors:
+            tensors[name] = tensors[name].to(torch.float32)
     meta = {key: meta[key] for key in COPIED_METADATA}
     meta["formula_version"] = str(FORMULA_VERSION)
     return Measurements(meta=meta, tensors=tensors)
@@ -131,7 +154,14 @@ def _kept_per_layer(activations, path: Path, num_layers: int, hidden_size: int) 
                 f"{path}: tensor {name} has shape {shape}, expected "
                 f"[n >= 1, {num_layers}, {hidden_size}] from its metadata; re-run the collect stage"
             )
-    return [layer_statistics(harmful[:, layer, :], harmless[:, layer, :]) for layer in range(num_layers)]
+    return [_kept_layer(harmful[:, layer, :], harmless[:, layer, :]) for layer in range(num_layers)]
+
+
+def _kept_layer(harmful: torch.Tensor, harmless: torch.Tensor) -> dict[str, torch.Tensor]:
+    """One layer's statistics and its extra directions, from that layer's activations of each class."""
+    stats = layer_statistics(harmful, harmless)
+    extra = extra_directions(harmful, stats["harmless_mean"], stats["refusal_direction"], MAX_DIRECTIONS - 1)
+    return {**stats, EXTRA_DIRECTIONS: extra}
 
 
 def _streamed_per_layer(activations, path: Path, num_layers: int, hidden_size: int) -> list[dict[str, torch.Tensor]]:

@@ -67,6 +67,12 @@ def _rate(summary: Mapping[str, Any]) -> str:
 
 def _metrics(evaluate_dir: Path) -> str:
     metrics = json.loads((evaluate_dir / "metrics.json").read_text(encoding="utf-8"))
+    score = (metrics["refusal_score_before"], metrics["refusal_score_after"])
+    rows = [("refusal score before -> after (first-token mass on refusal tokens)", f"{score[0]:.4f} -> {score[1]:.4f}"),
+            (f"KL divergence, first token, {metrics['n_kl_prompts']} harmless prompts (nats)", f"{metrics['kl_divergence']:.6f}")]
+    if "refusal_before" not in metrics:  # eval.generate=false: forward-only numbers
+        return f'<p class="big">refusal score {score[0]:.4f} &rarr; {score[1]:.4f}, KL {metrics["kl_divergence"]:.4f}</p>' + table(
+            ("measure", "value"), rows)
     before, after = metrics["refusal_before"], metrics["refusal_after"]
     return (
         f'<p class="big">refusal {before["rate"]:.3f} &rarr; {after["rate"]:.3f}, '
@@ -74,8 +80,7 @@ def _metrics(evaluate_dir: Path) -> str:
         + table(("measure", "value"), [
             ("refusal rate before (95% Wilson interval, refused/n)", _rate(before)),
             ("refusal rate after (95% Wilson interval, refused/n)", _rate(after)),
-            (f"KL divergence, first token, {metrics['n_kl_prompts']} harmless prompts (nats)",
-             f"{metrics['kl_divergence']:.6f}"),
+            *rows,
         ])
     )
 
@@ -119,7 +124,7 @@ def run_report(run: Mapping[str, Any], run_dir: Path) -> Path:
         sections.append("<h2>Refusal-direction quality per layer</h2>" + image(stages["measure"] / "quality.png", "quality per layer"))
     if "select" in stages:
         sections.append("<h2>Selection</h2>" + image(stages["select"] / "selection.png", "selected layers"))
-    if "evaluate" in stages:
+    if "evaluate" in stages and (stages["evaluate"] / "completions.jsonl").is_file():  # none with eval.generate=false
         sections.append("<h2>Sampled completions (held-out harmful prompts)</h2>" + _completions(stages["evaluate"]))
     if run.get("error"):
         sections.append(f"<h2>Error</h2><pre>{esc(run['error'])}</pre>")

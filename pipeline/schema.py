@@ -27,13 +27,16 @@ from typing import Any, Dict, List, Mapping, Optional, Union, get_args, get_orig
 from omegaconf import MISSING
 
 from pipeline.errors import PipelineError
-from pipeline.eval_schema import EvalConfig, Thinking
+from pipeline.eval_schema import EvalConfig, Streaming, Thinking
 from pipeline.schema_fields import section, setting
 
 SCALE_RANGE = (0.0, 4.0)
 """Ablation scales (select.scale / select.attn_scale, and every scale a plan file carries): 0 leaves a layer
 unchanged, 1 removes the direction's component, 2 reflects it; beyond that the edit only amplifies the
 reversed component, and far beyond it the weights blow up (at 1e36 every logit is 0). The band preset uses 1.2."""
+MAX_DIRECTIONS = 4
+"""Most directions a plan may remove per layer (`select.directions`): measure stores MAX_DIRECTIONS - 1 extra
+directions per layer beside the refusal direction, so the range is checked before any stage runs."""
 
 
 class ModelSource(StrEnum):
@@ -53,12 +56,6 @@ class DType(StrEnum):
     float32 = "float32"
     bfloat16 = "bfloat16"
     float16 = "float16"
-
-
-class Streaming(StrEnum):
-    off = "off"  # the model in memory (or placed by accelerate), every batch through every layer
-    layers = "layers"  # pipeline.layer_stream: every batch through one decoder layer at a time, each weight read once
-    auto = "auto"  # layers when the model does not fit the memory accelerate would give it
 
 
 class Positions(StrEnum):
@@ -113,6 +110,7 @@ class PromptSource:
     field: Optional[str] = MISSING
     split: Optional[str] = MISSING
     subset: Optional[str] = setting(optional=True)  # hf sources only
+    category_field: Optional[str] = MISSING  # column naming each row's category; null: a set without categories
 
 
 @dataclass
@@ -123,6 +121,7 @@ class PromptsConfig:
     seed: int = MISSING
     n_train: int = setting(ge=1)
     n_eval: int = setting(ge=1)
+    n_val: int = setting(ge=1)
 
 
 # --- mode, select ------------------------------------------------------------------------------------------
@@ -150,42 +149,9 @@ class SelectConfig:
     direction_from: Any = MISSING  # own | best | a depth fraction in [0, 1] (checked by pipeline.selection)
     scale: float = setting(ge=SCALE_RANGE[0], le=SCALE_RANGE[1])
     attn_scale: Optional[float] = setting(ge=SCALE_RANGE[0], le=SCALE_RANGE[1])
+    mlp_scale: Optional[float] = setting(ge=SCALE_RANGE[0], le=SCALE_RANGE[1])
+    directions: int = setting(ge=1, le=MAX_DIRECTIONS)  # directions removed per layer (1: the refusal direction only)
     method: Method = MISSING
-
-
-# --- optimize (validated by pipeline.optimize) -------------------------------------------------------------
-
-
-@dataclass
-class SearchSpaceConfig:
-    direction_from: List[float] = MISSING  # [low, high, step] of each searched select setting
-    skip_first: List[float] = MISSING
-    skip_last: List[float] = MISSING
-    scale: List[float] = MISSING
-    attn_scale: List[float] = MISSING
-    methods: List[str] = MISSING
-
-
-@dataclass
-class SearchSeed:
-    direction_from: float = MISSING
-    skip_first: float = MISSING
-    skip_last: float = MISSING
-    scale: float = MISSING
-    attn_scale: float = MISSING
-    method: str = MISSING
-
-
-@dataclass
-class OptimizeConfig:
-    trials: int = MISSING
-    max_kl: float = MISSING
-    prune_above_kl: Optional[float] = MISSING
-    export: bool = MISSING
-    startup_trials: int = MISSING
-    trial_max_new_tokens: Optional[int] = MISSING
-    space: SearchSpaceConfig = section(SearchSpaceConfig)
-    seeds: Optional[List[SearchSeed]] = MISSING
 
 
 # --- top-level sections -------------------------------------------------------------------------------------
@@ -243,7 +209,6 @@ class Config:
     mode: ModeConfig = section(ModeConfig)
     prompts: PromptsConfig = section(PromptsConfig)
     eval: EvalConfig = section(EvalConfig)
-    optimize: OptimizeConfig = section(OptimizeConfig)
     run: RunConfig = section(RunConfig)
     plan: Optional[str] = None
     cache: CacheConfig = section(CacheConfig)

@@ -5,7 +5,9 @@ search trial, the original model and the exported model are measured by one rule
 of the held-out harmful prompts and of the first `eval.kl_prompts` held-out harmless prompts, each
 judged into a class (`pipeline.judges`: refusal, compliance, degenerate, empty) by the judge
 `eval.judge` names; the first-token log-probabilities of those harmless prompts (compared by KL to
-the baseline's); and the per-token KL over the baseline's own harmless completions.
+the baseline's); the per-token KL over the baseline's own harmless completions; and the refusal score
+(`pipeline.forward_scores`). With `eval.generate=false` only the forward-only numbers (first-token KL,
+refusal score) are measured, and `measured` in baseline.json and metrics.json says how each number was.
 """
 
 from __future__ import annotations
@@ -21,8 +23,10 @@ from safetensors.torch import load_file
 from pipeline.artifacts import save_tensors, write_json
 from pipeline.errors import PipelineError
 from pipeline.evaluation import (
-    first_token_logprobs, greedy_completions, outcome_summary, refusal_summary, reference_topk, special_tokens,
+    first_token_logprobs, greedy_completions, kl_divergence, kl_per_prompt, outcome_summary, refusal_summary, reference_topk,
+    special_tokens,
 )
+from pipeline.forward_scores import ForwardScores, in_memory_scores
 from pipeline.judge_models import MarkersJudge, make_judge
 from pipeline.judges import REASONING_SECTIONS, MarkerRules, Verdict, answer_text
 from pipeline.prompt_sets import prompt_splits
@@ -35,9 +39,17 @@ BASELINE_TOPK = "harmless_topk.safetensors"
 
 
 def eval_prompts(prompts_cfg: Mapping[str, Any], eval_cfg: Mapping[str, Any]) -> tuple[list[str], list[str]]:
-    """(harmful prompts for the refusal rate, harmless prompts for KL and over-refusal), both held out."""
+    """(harmful prompts for the refusal rate, harmless prompts for KL and over-refusal), both held out.
+
+    `eval.split` names the held-out slice: `validation` for choosing (a search, a preset), `eval` for reporting,
+    so a choice is never scored on the prompts that picked it.
+    """
     splits = prompt_splits(prompts_cfg)
-    return list(splits.harmful_eval), list(splits.harmless_eval[: int(eval_cfg["kl_prompts"])])
+    if eval_cfg["split"] == "validation":
+        harmful, harmless = splits.harmful_val, splits.harmless_val
+    else:
+        harmful, harmless = splits.harmful_eval, splits.harmless_eval
+    return list(harmful), list(harmless[: int(eval_cfg["kl_prompts"])])
 
 
 @dataclass(frozen=True)
@@ -99,19 +111,28 @@ def harmless_logprobs(model, tokenizer, harmless: Sequence[str], eval_cfg: Mappi
 
 @dataclass(frozen=True)
 class ModelScore:
-    harmful: Judged
-    harmless: Judged
-    logprobs: torch.Tensor
-    """[n_harmless, vocab] first-token log-probabilities."""
+    harmful: Judged | None
+    """None with eval.generate=false (as `harmless`)."""
+    harmless: Judged | None
+    forward: ForwardScores
+
+    @property
+    def logprobs(self) -> torch.Tensor:
+        """[n_harmless, vocab] first-token log-probabilities."""
+        return self.forward.logprobs
 
 
 def score(model, tokenizer, harmful: list[str], harmless: list[str], eval_cfg: Mapping[str, Any], judge,
           progress: bool) -> ModelScore:
+    """A loaded model's numbers: the forward-only ones, and the judged completions unless eval.generate=false."""
+    forward = in_memory_scores(model, tokenizer, harmful, harmless, eval_cfg, progress)
+    if eval_cfg["generate"] is not True:
+        return ModelScore(None, None, forward)
     harmless_cfg = {**eval_cfg, "max_new_tokens": int(eval_cfg["harmless_max_new_tokens"])}
     return ModelScore(
         judged_completions(model, tokenizer, harmful, eval_cfg, judge, progress),
         judged_completions(model, tokenizer, harmless, harmless_cfg, judge, progress),
-        harmless_logprobs(model, tokenizer, harmless, eval_cfg, progress),
+        forward,
     )
 
 
@@ -121,8 +142,12 @@ def score_model(model, tokenizer, harmful: list[str], harmless: list[str], eval_
     return answers, flags, harmless_logprobs(model, tokenizer, harmless, eval_cfg, progress)
 
 
+GENERATED = ("refusal", "outcomes", "over_refusal", "harmless_outcomes")
+"""The summary's numbers that come from generated completions (absent with eval.generate=false)."""
+
+
 def side_summary(scored: ModelScore) -> dict:
-    """One model's numbers: refusal rate (Wilson) and class rates on harmful and on harmless prompts."""
+    """One model's generated numbers: refusal rate (Wilson) and class rates on harmful and on harmless prompts."""
     return {
         "refusal": refusal_summary(scored.harmful.flags),
         "outcomes": outcome_summary(scored.harmful.outcomes),
@@ -131,18 +156,39 @@ def side_summary(scored: ModelScore) -> dict:
     }
 
 
+def measured(eval_cfg: Mapping[str, Any], scored: ModelScore, kl_name: str, per_token_name: str) -> dict[str, str]:
+    """How each number was measured: {name: how}. `kl_name` / `per_token_name`: the first-token and per-token KL
+    figures (evaluate's KL, or the baseline's references)."""
+    how = {}
+    if scored.harmful is not None:
+        judge = f"{eval_cfg['judge']} judge"
+        how["refusal_rate"] = f"generated, greedy, up to {int(eval_cfg['max_new_tokens'])} answer tokens, {judge}"
+        how["over_refusal"] = f"generated, greedy, up to {int(eval_cfg['harmless_max_new_tokens'])} answer tokens, {judge}"
+        how[per_token_name] = (f"teacher-forced on the original model's harmless completions (first "
+                               f"{int(eval_cfg['kl_tokens'])} tokens, top-64), in memory")
+    how["refusal_score"] = f"forward, first answer token, {scored.forward.how}"
+    how[kl_name] = f"forward, first answer token, {scored.forward.how}"
+    return how
+
+
+def forward_summary(forward: ForwardScores) -> dict:
+    """The refusal score, its tokens and prompt count."""
+    return {"refusal_score": forward.refusal_score, "refusal_tokens": forward.refusal_tokens,
+            "n_harmful_prompts": int(forward.refusal.shape[0])}
+
+
 @dataclass(frozen=True)
 class Baseline:
     """The original model's numbers, as the baseline stage wrote them."""
 
     summary: dict
-    """`side_summary` of the original model, plus n_kl_prompts."""
+    """`side_summary` of the original model (when generated), `forward_summary`, generate, n_kl_prompts, measured."""
     logprobs: torch.Tensor
     """[n_kl_prompts, vocab] the first-token KL reference."""
-    topk: dict[str, torch.Tensor]
-    """`evaluation.reference_topk` of its own harmless completions: the per-token KL reference."""
+    topk: dict[str, torch.Tensor] | None
+    """`evaluation.reference_topk` of its own harmless completions: the per-token KL reference (None when not generated)."""
     completions: list[dict]
-    """One `Judged.rows()` row per harmful eval prompt, in prompt order."""
+    """One `Judged.rows()` row per harmful eval prompt, in prompt order (none when not generated)."""
     harmless_completions: list[dict]
 
     @property
@@ -168,12 +214,20 @@ def read_jsonl(path: Path) -> list[dict]:
         return [json.loads(line) for line in handle if line.strip()]
 
 
-def write_baseline(out_dir: Path, scored: ModelScore, topk: Mapping[str, torch.Tensor]) -> None:
+def write_baseline(out_dir: Path, scored: ModelScore, topk: Mapping[str, torch.Tensor] | None,
+                   eval_cfg: Mapping[str, Any]) -> None:
+    """The artifact; the generated parts (completions, per-token KL reference) only when `scored` has them."""
+    generated = scored.harmful is not None
     save_tensors({"logprobs": scored.logprobs.contiguous()}, out_dir / BASELINE_LOGPROBS)
-    save_tensors({name: tensor.contiguous() for name, tensor in topk.items()}, out_dir / BASELINE_TOPK)
-    write_json(out_dir / BASELINE_JSON, {**side_summary(scored), "n_kl_prompts": int(scored.logprobs.shape[0])})
-    write_jsonl(out_dir / BASELINE_COMPLETIONS, scored.harmful.rows())
-    write_jsonl(out_dir / BASELINE_HARMLESS, scored.harmless.rows())
+    write_json(out_dir / BASELINE_JSON, {
+        **(side_summary(scored) if generated else {}), **forward_summary(scored.forward), "generate": generated,
+        "n_kl_prompts": int(scored.logprobs.shape[0]),
+        "measured": measured(eval_cfg, scored, "kl_reference", "per_token_kl_reference"),
+    })
+    if generated:
+        save_tensors({name: tensor.contiguous() for name, tensor in topk.items()}, out_dir / BASELINE_TOPK)
+        write_jsonl(out_dir / BASELINE_COMPLETIONS, scored.harmful.rows())
+        write_jsonl(out_dir / BASELINE_HARMLESS, scored.harmless.rows())
 
 
 def read_baseline(baseline_dir: Path, n_kl_prompts: int) -> Baseline:
@@ -185,6 +239,8 @@ def read_baseline(baseline_dir: Path, n_kl_prompts: int) -> Baseline:
             f"{n_kl_prompts}; re-run the baseline stage"
         )
     summary = json.loads((baseline_dir / BASELINE_JSON).read_text(encoding="utf-8"))
+    if summary["generate"] is not True:
+        return Baseline(summary=summary, logprobs=logprobs, topk=None, completions=[], harmless_completions=[])
     return Baseline(
         summary=summary, logprobs=logprobs, topk=load_file(baseline_dir / BASELINE_TOPK),
         completions=read_jsonl(baseline_dir / BASELINE_COMPLETIONS),
@@ -192,23 +248,63 @@ def read_baseline(baseline_dir: Path, n_kl_prompts: int) -> Baseline:
     )
 
 
-def evaluate_metrics(baseline: Baseline, scored: ModelScore, kl: float, token_kl: float, eval_cfg: Mapping[str, Any]) -> dict:
-    """metrics.json: each figure before (the baseline's) and after, the refusal rate first."""
-    after = side_summary(scored)
+def evaluate_metrics(baseline: Baseline, scored: ModelScore, harmless: Sequence[str], token_kl: float | None,
+                     eval_cfg: Mapping[str, Any], categories: Mapping[str, str]) -> dict:
+    """metrics.json: each figure before (the baseline's) and after, the refusal rate first when generated, then
+    the refusal score and the KL, then both per harmless category (`categories`: {prompt: category}, {} for
+    none); `measured` says how each was measured (`baseline`: how the before-figures were)."""
     before = baseline.summary
+    kl_rows = kl_per_prompt(baseline.logprobs, scored.logprobs)
+    kl = kl_divergence(baseline.logprobs, scored.logprobs)
     metrics: dict[str, Any] = {}
-    for name in ("refusal", "outcomes", "over_refusal", "harmless_outcomes"):
-        metrics[f"{name}_before"], metrics[f"{name}_after"] = before[name], after[name]
+    if scored.harmful is not None:
+        after = side_summary(scored)
+        for name in GENERATED:
+            metrics[f"{name}_before"], metrics[f"{name}_after"] = before[name], after[name]
     metrics.update({
+        "refusal_score_before": before["refusal_score"],
+        "refusal_score_after": scored.forward.refusal_score,
+        "refusal_tokens": scored.forward.refusal_tokens,
+        "n_harmful_prompts": int(scored.forward.refusal.shape[0]),
         "kl_divergence": kl,
-        "per_token_kl": token_kl,
-        "kl_tokens": int(eval_cfg["kl_tokens"]),
-        "n_kl_prompts": len(scored.harmless.prompts),
-        "judge": str(eval_cfg["judge"]),
-        "max_new_tokens": int(eval_cfg["max_new_tokens"]),
-        "harmless_max_new_tokens": int(eval_cfg["harmless_max_new_tokens"]),
+        "n_kl_prompts": int(scored.logprobs.shape[0]),
     })
+    if scored.harmful is not None:
+        metrics.update({
+            "per_token_kl": token_kl,
+            "kl_tokens": int(eval_cfg["kl_tokens"]),
+            "judge": str(eval_cfg["judge"]),
+            "max_new_tokens": int(eval_cfg["max_new_tokens"]),
+            "harmless_max_new_tokens": int(eval_cfg["harmless_max_new_tokens"]),
+        })
+    metrics["generate"] = scored.harmful is not None
+    refused_before = [row["class"] == "refusal" for row in baseline.harmless_completions] if metrics["generate"] else None
+    refused_after = scored.harmless.flags if metrics["generate"] else None
+    metrics["harmless_by_category"] = category_breakdown(harmless, kl_rows, categories, refused_before, refused_after)
+    metrics["measured"] = {**measured(eval_cfg, scored, "kl_divergence", "per_token_kl"), "baseline": before["measured"]}
     return metrics
+
+
+def category_breakdown(prompts: Sequence[str], kl_rows: torch.Tensor, categories: Mapping[str, str],
+                       refused_before: Sequence[bool] | None, refused_after: Sequence[bool] | None) -> dict[str, dict]:
+    """First-token KL and over-refusal per harmless category: {category: {n, kl, over_refusal_before/after}}.
+
+    A plan can look harmless on short requests and still damage code or translation; the mean over the
+    split hides that. Empty when the prompt set has no categories; over-refusal only when generated."""
+    if not categories:
+        return {}
+    rows: dict[str, list[int]] = {}
+    for index, prompt in enumerate(prompts):
+        rows.setdefault(categories[prompt], []).append(index)
+    breakdown = {}
+    for category in sorted(rows):
+        members = rows[category]
+        entry: dict[str, Any] = {"n": len(members), "kl": float(kl_rows[members].mean().clamp(min=0.0))}
+        if refused_before is not None and refused_after is not None:
+            entry["over_refusal_before"] = sum(bool(refused_before[i]) for i in members)
+            entry["over_refusal_after"] = sum(bool(refused_after[i]) for i in members)
+        breakdown[category] = entry
+    return breakdown
 
 
 def paired_rows(before: Sequence[Mapping[str, Any]], after: Judged) -> list[dict]:

@@ -1,154 +1,215 @@
-"""The plan search's space (`python -m pipeline.optimize`): `optimize.*` validated, and a trial's parameters as select settings.
+"""The plan search's space: `hydra.sweeper.*` validated, and a trial's values as the overrides of its pipeline job.
 
-A trial's parameters ARE select settings: `direction_from` (the depth fraction of the one shared
-direction), `skip_first` / `skip_last` (the depth window), `scale` (the MLP writers), `attn_scale`
-(the attention output) and `method`. The trial's plan is what `pipeline.selection.build_plan` writes
-for them with every layer of the window kept (min_quality 0, relative_min 0, top_n = all layers), the
-rule `mode=band` ships with; so a winner is the `mode=band select.*=...` overrides of `preset`.
+A searched parameter is any setting of the pipeline's config, nested as in the config itself
+(`select: {scale: {low: 0.0, high: 1.5, step: 0.05}}`), so one YAML line searches one more setting. A leaf
+is a range (`low`, `high`, optional `step`) or a list of `choices`; a range is sampled as integers when the
+setting is an integer in the schema (`select.directions`), as numbers otherwise. A trial's values become
+overrides (`select.scale=1.25`) of an ordinary `python -m pipeline` job, so the trial's plan is the one
+select writes for them, and the chosen trial's overrides reproduce it in a single run.
 
-The window never excludes every layer: `validate` requires the highs of `space.skip_first` and
-`space.skip_last` to sum to less than 1, so floor(skip_first*L) + floor(skip_last*L) < L for every
-sampled point and every depth L (the space is constrained, nothing sampled is thrown away).
+Every bound, choice and seed value must be a value the setting takes: the schema's types and ranges
+(`pipeline.schema.check`, e.g. `select.scale` <= 4) here, the stages' own validate steps where the search
+starts (`pipeline.search.point_checker`). The depth window never excludes every layer: when both
+`select.skip_first` and `select.skip_last` are searched their highs must sum to less than 1, so
+floor(skip_first*L) + floor(skip_last*L) < L for every sampled point and every depth L.
 """
 
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping
 
 import optuna
-import yaml
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.errors import OverrideParseException
 
 from pipeline.errors import PipelineError
-from pipeline.measurement import Measurements
-from pipeline.plan import METHODS, plan_to_text, validate_plan
-from pipeline.schema import check
-from pipeline.selection import build_plan, settings_from_config
+from pipeline.schema import check, lookup, unwrap_optional
+from pipeline.search_schema import SearchSweeperConf
 
-FLOAT_PARAMS = ("direction_from", "skip_first", "skip_last", "scale", "attn_scale")
-"""The searched select settings besides `method`, as `optimize.space` names them: [low, high, step]."""
-PARAMS = ("method", *FLOAT_PARAMS)
-SEARCH_MODE = {"name": "search", "min_quality": 0.0}
-"""The mode a trial's plan records; with top_n = all layers it keeps every layer of the window."""
+NODE = "hydra.sweeper"
+RANGE_KEYS, CHOICE_KEYS = frozenset({"low", "high", "step"}), frozenset({"choices"})
+WINDOW = ("select.skip_first", "select.skip_last")
+"""Searched together, their highs must sum to < 1 (a window that keeps at least one layer)."""
+PLAIN_TEXT = re.compile(r"[A-Za-z_][A-Za-z0-9_.-]*")
+
+
+@dataclass(frozen=True)
+class Param:
+    """One searched setting: `key` is its dotted name in the config (`select.scale`)."""
+
+    key: str
+    low: float | None = None
+    high: float | None = None
+    step: float | None = None
+    choices: tuple[Any, ...] | None = None
+    integer: bool = False
+
+    def suggest(self, trial: optuna.Trial) -> Any:
+        if self.choices is not None:
+            return trial.suggest_categorical(self.key, list(self.choices))
+        if self.integer:
+            return trial.suggest_int(self.key, int(self.low), int(self.high), step=int(self.step or 1))
+        return trial.suggest_float(self.key, self.low, self.high, step=self.step)
+
+    def contains(self, value: Any) -> bool:
+        if self.choices is not None:
+            return value in self.choices
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and self.low <= value <= self.high
+
+    def endpoints(self) -> tuple[Any, ...]:
+        return self.choices if self.choices is not None else (self.low, self.high)
+
+    def describe(self) -> dict[str, Any]:
+        return {"choices": list(self.choices)} if self.choices is not None else {
+            "low": self.low, "high": self.high, "step": self.step, "integer": self.integer}
 
 
 @dataclass(frozen=True)
 class Search:
-    """`optimize.*`, validated by `validate`."""
+    """`hydra.sweeper.*`, validated by `validate`."""
 
-    trials: int
+    n_trials: int
+    n_jobs: int | None
     max_kl: float
-    prune_above_kl: float | None
-    export: bool
     startup_trials: int
-    trial_max_new_tokens: int | None
-    floats: Mapping[str, tuple[float, float, float]]
-    """name -> (low, high, step)"""
-    methods: tuple[str, ...]
-    seeds: tuple[Mapping[str, Any], ...]
+    export: bool
+    trial_overrides: tuple[str, ...]
+    params: tuple[Param, ...]
+    seeds: tuple[dict[str, Any], ...]
+    """Each a complete point: {param key: value}."""
+
+    @property
+    def keys(self) -> tuple[str, ...]:
+        return tuple(param.key for param in self.params)
 
 
-def _bounds(space: Mapping[str, Any]) -> dict[str, tuple[float, float, float]]:
-    floats = {}
-    for name in FLOAT_PARAMS:
-        bounds = space.get(name)
-        if not isinstance(bounds, Sequence) or len(bounds) != 3:
-            raise PipelineError(f"optimize.space.{name} must be [low, high, step], got {bounds!r}")
-        low, high, step = (float(value) for value in bounds)
-        if not (low < high and step > 0) or (name == "direction_from" and not 0 <= low < high <= 1):
-            raise PipelineError(f"optimize.space.{name}={list(bounds)} needs low < high, step > 0 (depths within [0, 1])")
-        try:  # every point must be a setting select takes: its ranges are the schema's (select.scale <= 4, ...)
-            for value in (low, high):
-                check(f"select.{name}", value)
+def flat(tree: Mapping[str, Any], is_leaf: Callable[[Any], bool], prefix: str = "") -> dict[str, Any]:
+    """{dotted key: leaf} of a nested mapping (`{select: {scale: x}}` -> `{select.scale: x}`)."""
+    leaves = {}
+    for name, value in tree.items():
+        key = f"{prefix}{name}"
+        if is_leaf(value):
+            leaves[key] = value
+        elif isinstance(value, Mapping) and value:
+            leaves.update(flat(value, is_leaf, f"{key}."))
+        else:
+            raise PipelineError(f"{NODE}.params.{key} must be {{low, high[, step]}} or {{choices: [...]}}, got {value!r}")
+    return leaves
+
+
+def _is_param(value: Any) -> bool:
+    return isinstance(value, Mapping) and bool(value) and set(value) <= RANGE_KEYS | CHOICE_KEYS
+
+
+def _param(key: str, leaf: Mapping[str, Any], check_value: Callable[[str, Any], None]) -> Param:
+    where = f"{NODE}.params.{key}"
+    found = lookup(key)
+    kind = unwrap_optional(found[0])[0] if found is not None else None
+    if found is None or hasattr(kind, "__dataclass_fields__"):
+        raise PipelineError(f"{where}: {key} is not a setting of the pipeline; name one, e.g. select.scale")
+    if set(leaf) & CHOICE_KEYS:
+        choices = leaf["choices"]
+        if set(leaf) != CHOICE_KEYS or not isinstance(choices, (list, tuple)) or not choices:
+            raise PipelineError(f"{where} must be {{choices: [a, b, ...]}} (non-empty, no low/high), got {dict(leaf)}")
+        param = Param(key, choices=tuple(choices))
+    else:
+        low, high, step = leaf.get("low"), leaf.get("high"), leaf.get("step")
+        numbers = [value for value in (low, high, step) if value is not None]
+        if low is None or high is None or any(isinstance(v, bool) or not isinstance(v, (int, float)) for v in numbers):
+            raise PipelineError(f"{where} must be {{low: <number>, high: <number>, step: <number or null>}}, got {dict(leaf)}")
+        if not (low < high and (step is None or step > 0)):
+            raise PipelineError(f"{where} needs low < high and step > 0, got {dict(leaf)}")
+        integer = kind is int
+        if integer and not all(float(value).is_integer() for value in numbers):
+            raise PipelineError(f"{where}: {key} is an integer setting; give whole-number low, high and step")
+        param = Param(key, low, high, step, integer=integer)
+    for value in param.endpoints():
+        try:
+            check_value(key, value)
         except PipelineError as error:
-            raise PipelineError(f"optimize.space.{name}={list(bounds)} leaves select's range: {error}") from None
-        floats[name] = (low, high, step)
-    highs = floats["skip_first"][1], floats["skip_last"][1]
-    if sum(highs) >= 1:
-        raise PipelineError(
-            f"optimize.space.skip_first and skip_last may exclude every layer (highs {highs[0]:g} + {highs[1]:g} >= 1); "
-            "lower their highs so they sum to less than 1"
-        )
-    return floats
+            raise PipelineError(f"{where} reaches a value {key} does not take: {error}") from None
+    return param
 
 
-def validate(settings: Mapping[str, Any]) -> Search:
-    """Every rule on `optimize.*`, the cross-field ones included; mistakes are one-line PipelineErrors."""
-    trials, max_kl, prune_above_kl = int(settings["trials"]), float(settings["max_kl"]), settings["prune_above_kl"]
-    if trials < 1 or not (math.isfinite(max_kl) and max_kl >= 0):
-        raise PipelineError(f"optimize.trials must be >= 1 and optimize.max_kl >= 0, got {trials} and {max_kl}")
-    if prune_above_kl is not None and not float(prune_above_kl) >= max_kl:
+def _seed(number: int, seed: Any, params: tuple[Param, ...], check_value: Callable[[str, Any], None]) -> dict[str, Any]:
+    where = f"{NODE}.seeds[{number}]"
+    point = flat(seed, lambda value: not isinstance(value, Mapping)) if isinstance(seed, Mapping) else None
+    keys = [param.key for param in params]
+    if point is None or sorted(point) != sorted(keys):
+        raise PipelineError(f"{where} must set exactly the searched settings ({', '.join(keys)}), got {seed!r}")
+    for param in params:
+        if not param.contains(point[param.key]):
+            raise PipelineError(f"{where} lies outside {NODE}.params: {param.key}={point[param.key]!r}")
+        check_value(param.key, point[param.key])
+    return point
+
+
+def _trial_overrides(overrides: Any, keys: tuple[str, ...]) -> tuple[str, ...]:
+    try:
+        parsed = OverridesParser.create().parse_overrides(list(overrides))
+    except OverrideParseException as error:
+        raise PipelineError(f"{NODE}.trial_overrides: cannot parse {error.override!r}") from None
+    for override in parsed:
+        if override.is_sweep_override() or override.key_or_group in keys:
+            raise PipelineError(
+                f"{NODE}.trial_overrides: {override.input_line!r} sweeps or sets a searched setting; give single "
+                "values of other settings (e.g. eval.max_new_tokens=8)"
+            )
+    return tuple(overrides)
+
+
+def validate(settings: Mapping[str, Any], check_value: Callable[[str, Any], None] = check) -> Search:
+    """Every rule on `hydra.sweeper.*`: types and ranges from `SearchSweeperConf`, the params and seeds
+    against the pipeline's settings (`check_value`); mistakes are one-line PipelineErrors."""
+    check(NODE, dict(settings), SearchSweeperConf, {})
+    params = tuple(_param(key, leaf, check_value) for key, leaf in flat(settings["params"], _is_param).items())
+    if not params:
+        raise PipelineError(f"{NODE}.params is empty; search at least one setting (conf/search/default.yaml)")
+    ranges = {param.key: param for param in params if param.choices is None}
+    if all(key in ranges for key in WINDOW) and sum(ranges[key].high for key in WINDOW) >= 1:
         raise PipelineError(
-            f"optimize.prune_above_kl={prune_above_kl} is below optimize.max_kl={max_kl:g}: trials that could be "
-            "exported would never be generated for; raise it or set it to null"
+            f"{NODE}.params: the highs of {' and '.join(WINDOW)} sum to >= 1, so a window may exclude every layer; "
+            "lower them so they sum to less than 1"
         )
-    tokens, startup = settings["trial_max_new_tokens"], int(settings["startup_trials"])
-    if startup < 0 or (tokens is not None and int(tokens) < 1):
-        raise PipelineError(
-            f"optimize.startup_trials must be >= 0 and optimize.trial_max_new_tokens null or >= 1, got {startup} and {tokens}"
-        )
-    floats = _bounds(settings["space"])
-    methods = tuple(settings["space"]["methods"])
-    if not methods or any(method not in METHODS for method in methods):
-        raise PipelineError(f"optimize.space.methods must be a non-empty subset of {', '.join(METHODS)}, got {methods}")
-    seeds = tuple(dict(seed) for seed in settings["seeds"] or ())
-    for number, seed in enumerate(seeds):
-        if set(seed) != set(PARAMS):
-            raise PipelineError(f"optimize.seeds[{number}] must set exactly {', '.join(sorted(PARAMS))}")
-        outside = [name for name in FLOAT_PARAMS if not floats[name][0] <= seed[name] <= floats[name][1]]
-        if outside or seed["method"] not in methods:
-            raise PipelineError(f"optimize.seeds[{number}] lies outside optimize.space ({outside or seed['method']})")
+    keys = tuple(param.key for param in params)
     return Search(
-        trials=trials,
-        max_kl=max_kl,
-        prune_above_kl=None if prune_above_kl is None else float(prune_above_kl),
+        n_trials=settings["n_trials"],
+        n_jobs=settings["n_jobs"],
+        max_kl=float(settings["max_kl"]),
+        startup_trials=settings["startup_trials"],
         export=settings["export"] is True,
-        startup_trials=startup,
-        trial_max_new_tokens=None if tokens is None else int(tokens),
-        floats=floats,
-        methods=methods,
-        seeds=seeds,
+        trial_overrides=_trial_overrides(settings["trial_overrides"], keys),
+        params=params,
+        seeds=tuple(_seed(number, seed, params, check_value) for number, seed in enumerate(settings["seeds"])),
     )
 
 
-def suggest(trial: optuna.Trial, search: Search) -> dict[str, Any]:
-    params: dict[str, Any] = {
-        name: trial.suggest_float(name, low, high, step=step) for name, (low, high, step) in search.floats.items()
-    }
-    params["method"] = trial.suggest_categorical("method", list(search.methods))
-    return params
+def values(params: Mapping[str, Any]) -> dict[str, Any]:
+    """A trial's values, Optuna's grid floats rounded (0.15000000000000002 -> 0.15)."""
+    return {key: round(value, 6) if isinstance(value, float) else value for key, value in params.items()}
 
 
-def select_values(params: Mapping[str, Any]) -> dict[str, Any]:
-    """The trial's `select.*` values (Optuna's grid floats rounded: 0.15000000000000002 -> 0.15)."""
-    return {name: params[name] if name == "method" else round(float(params[name]), 6) for name in PARAMS}
+def override_value(value: Any) -> str:
+    """`value` as Hydra's override grammar reads it back."""
+    if isinstance(value, bool) or value is None:
+        return {True: "true", False: "false", None: "null"}[value]
+    if isinstance(value, float):
+        return repr(value) if math.isfinite(value) else str(value)
+    if isinstance(value, str) and not PLAIN_TEXT.fullmatch(value):
+        return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
+    return str(value)
 
 
-def selection_config(params: Mapping[str, Any], num_layers: int) -> dict[str, Any]:
-    """The `{mode, select}` config slice select reads (`settings_from_config`) that a trial stands for."""
-    return {"mode": {**SEARCH_MODE, "top_n": num_layers}, "select": {"relative_min": 0.0, **select_values(params)}}
-
-
-def trial_plan(params: Mapping[str, Any], measurements: Measurements, source_measurement: str) -> dict:
-    """The plan select writes for the trial's settings, read back from its text: exactly what the export replays."""
-    config = selection_config(params, int(measurements.meta["num_layers"]))
-    settings = settings_from_config(config, "the trial's select settings")
-    text = plan_to_text(build_plan(measurements, settings, source_measurement))
-    return validate_plan(yaml.safe_load(text), "the trial's plan")
-
-
-def preset(params: Mapping[str, Any]) -> list[str]:
-    """The overrides that make `python -m pipeline` select the trial's layers, direction, scales and method.
-
-    mode=band keeps every layer of the window; the plan select then writes differs from the trial's
-    only in `mode` and `thresholds.top_n` (add mode.name=search mode.top_n=<num_layers> for the same bytes).
-    """
-    return ["mode=band", *(f"select.{name}={value}" for name, value in select_values(params).items())]
+def overrides(params: Mapping[str, Any]) -> list[str]:
+    """The overrides that make `python -m pipeline` run the trial's settings."""
+    return [f"{key}={override_value(value)}" for key, value in values(params).items()]
 
 
 def plan_summary(plan: Mapping[str, Any]) -> dict[str, Any]:
-    """What the settings do on this model: the direction's layer position and the window's layers."""
+    """What the settings do on this model: the (first) direction's layer position and the planned layers."""
     layers = [entry["layer"] for entry in plan["layers"]]
     return {
         "direction_layer": plan["layers"][0]["direction_from"],

@@ -12,6 +12,9 @@ the best qualities it saw and the override that would select them.
 
 With `plan=<ablation.yaml>` nothing is selected: `replayed_plan` checks that
 plan (a search's winner, a reviewed hand edit) against the measurement.
+
+A plan that removes several directions per layer (`select.directions`) is checked here against the
+measurement's extra directions, so select fails, in one line, rather than the evaluate or ablate after it.
 """
 
 from __future__ import annotations
@@ -24,9 +27,10 @@ from typing import Any, Mapping, Sequence
 
 from pipeline.errors import PipelineError
 from pipeline.paths import user_path
-from pipeline.plan import DIRECTION_SOURCES, read_plan
+from pipeline.plan import DIRECTION_SOURCES, plan_directions, read_plan
 from pipeline.schema import ModeConfig, SelectConfig, check
 from pipeline.measurement import Measurements, layers_by_quality
+from pipeline.weight_edit import direction_basis, directions_for_plan
 
 SECTIONS = {"mode": ModeConfig, "select": SelectConfig}
 """The sections selection reads; their types and ranges are the schema's (`pipeline.schema`)."""
@@ -48,7 +52,11 @@ class SelectionSettings:
     """"own", "best", or a depth fraction f: one direction for every layer, from layer f*(L-1) (interpolated)."""
     scale: float
     attn_scale: float | None
-    """Scale for the attention output projection; None: the same as `scale` (which covers the MLP writers)."""
+    """Scale for the attention output projection; None: the same as `scale`."""
+    mlp_scale: float | None
+    """Scale for the MLP down projections; None: the same as `scale`."""
+    directions: int
+    """Directions removed per layer (`pipeline.plan`: the refusal direction, then the measured extra ones)."""
     method: str
 
 
@@ -76,6 +84,8 @@ def _settings(config: Mapping[str, Any]) -> SelectionSettings:
         direction_from=direction_from if not is_depth else float(direction_from),
         scale=float(select["scale"]),
         attn_scale=None if select["attn_scale"] is None else float(select["attn_scale"]),
+        mlp_scale=None if select["mlp_scale"] is None else float(select["mlp_scale"]),
+        directions=select["directions"],
         method=str(select["method"]),
     )
 
@@ -152,7 +162,7 @@ def build_plan(measurements: Measurements, settings: SelectionSettings, source_m
     """The plan dict for `pipeline.plan.write_plan`: chosen layers sorted by layer number."""
     quality = measurements.quality
     chosen = select_layers(quality, settings)
-    return {
+    plan = {
         "model": measurements.meta["model_id"],
         "model_fingerprint": measurements.meta["model_fingerprint"],
         "hidden_size": int(measurements.meta["hidden_size"]),
@@ -167,6 +177,7 @@ def build_plan(measurements: Measurements, settings: SelectionSettings, source_m
             "skip_last": settings.skip_last,
         },
         "method": settings.method,
+        **({} if settings.directions == 1 else {"directions": settings.directions}),
         "direction_source": settings.direction_from if isinstance(settings.direction_from, str) else "single",
         "layers": [
             {
@@ -174,11 +185,25 @@ def build_plan(measurements: Measurements, settings: SelectionSettings, source_m
                 "direction_from": direction_source_layer(settings.direction_from, layer, chosen, len(quality)),
                 "scale": settings.scale,
                 **({} if settings.attn_scale is None else {"attn_scale": settings.attn_scale}),
+                **({} if settings.mlp_scale is None else {"mlp_scale": settings.mlp_scale}),
                 "quality": quality[layer],
             }
             for layer in sorted(chosen)
         ],
     }
+    check_directions(plan, measurements)
+    return plan
+
+
+def check_directions(plan: Mapping[str, Any], measurements: Measurements) -> None:
+    """Refuse a plan whose directions the measurement cannot give: more per layer than it stores (a streamed
+    collect stores none), or fewer at a planned layer's source than its prompts span. A one-direction plan is
+    checked where it is applied, as before the option."""
+    if plan_directions(plan) == 1:
+        return
+    table = directions_for_plan(measurements.tensors, plan)
+    for entry in plan["layers"]:
+        direction_basis(table, entry["direction_from"])
 
 
 def direction_source_layer(direction_from: str | float, layer: int, chosen: Sequence[int], num_layers: int) -> int | float:
@@ -215,4 +240,5 @@ def replayed_plan(path: Path, measurements: Measurements) -> dict:
             )
     if plan["model_fingerprint"] != measurements.meta["model_fingerprint"]:
         log.warning("plan %s was made for another checkpoint of the same shape (%s); replaying it anyway", path, plan["model"])
+    check_directions(plan, measurements)
     return plan

@@ -1,6 +1,6 @@
 """The one owner of the cache on disk: a directory of artifacts, each complete exactly when its manifest verifies.
 
-An `ArtifactStore` is one directory (`<cache.dir>/<stage>/`, `<cache.models>/`, `<cache.dir>/optimize/`)
+An `ArtifactStore` is one directory (`<cache.dir>/<stage>/`, `<cache.models>/`, `<cache.dir>/search/`)
 holding entries `<name>/`. An entry is written in a private temporary `.tmp-<name>-<pid>-<random>/`
 while its writer holds the lock `.<name>.lock`, gets its `manifest.json` last, and is renamed into
 place in one step: a directory that looks complete is complete, and a crash leaves only a temporary.

@@ -5,9 +5,9 @@ stage's `metrics.json` holds its numbers. `SweepSummary`, a Hydra callback regis
 `conf/config.yaml`, reads them back from disk when the sweep ends (so it works with any launcher)
 and writes into the sweep directory:
 
-* `summary.csv`: one row per job (overrides, layers, refusal before/after, KL, cache use, time, error, and
-  the command that exports the job's model from the cache: only `ablate` runs, as a sweep writes no
-  model directory unless `run.export=true`);
+* `summary.csv`: one row per job (overrides, layers, refusal rate and refusal score before/after, KL, cache use,
+  time, error, and the command that exports the job's model from the cache: only `ablate` runs, as a sweep
+  writes no model directory unless `run.export=true`);
 * `pareto.png`: refusal-after against KL, with the Pareto front (both minimized, `pipeline.pareto`) marked
   and joined, each point labelled with the overrides that vary across the sweep (`pipeline.plots`).
 """
@@ -40,6 +40,8 @@ COLUMNS = (
     "layers",
     "refusal_before",
     "refusal_after",
+    "refusal_score_before",
+    "refusal_score_after",
     "kl_divergence",
     "stages",
     "cached_stages",
@@ -62,6 +64,8 @@ class JobSummary:
     layers: tuple[int, ...] | None = None
     refusal_before: float | None = None
     refusal_after: float | None = None
+    refusal_score_before: float | None = None
+    refusal_score_after: float | None = None
     kl_divergence: float | None = None
     error: str = ""
 
@@ -71,10 +75,13 @@ class JobSummary:
 
     @property
     def export_command(self) -> str:
-        """The command that writes this job's model directory from the cache (only ablate runs)."""
-        if not self.evaluated:
+        """The command that writes this job's model directory from the cache (only ablate runs), once evaluate finished
+        (with or without generation)."""
+        if self.kl_divergence is None:
             return ""
-        kept = [item for item in self.overrides if not item.lstrip("+~").startswith(("run.stages=", "run.export="))]
+        # +search=default would make the command a search again (its preset sets hydra.mode=MULTIRUN)
+        kept = [item for item in self.overrides
+                if not item.lstrip("+~").startswith(("run.stages=", "run.export=", "search="))]
         return shlex.join(["python", "-m", "pipeline", *kept, EXPORT_STAGES])
 
 
@@ -94,10 +101,13 @@ def read_job(run_json: Path, sweep_dir: Path) -> JobSummary:
         metrics = json.loads((Path(stages["evaluate"]["dir"]) / "metrics.json").read_text(encoding="utf-8"))
         row.update(
             layers=tuple(int(layer) for layer in metrics["layers"]),
-            refusal_before=float(metrics["refusal_before"]["rate"]),
-            refusal_after=float(metrics["refusal_after"]["rate"]),
+            refusal_score_before=float(metrics["refusal_score_before"]),
+            refusal_score_after=float(metrics["refusal_score_after"]),
             kl_divergence=float(metrics["kl_divergence"]),
         )
+        if "refusal_before" in metrics:  # generated numbers (absent with eval.generate=false)
+            row.update(refusal_before=float(metrics["refusal_before"]["rate"]),
+                       refusal_after=float(metrics["refusal_after"]["rate"]))
     return JobSummary(**row)
 
 
@@ -137,6 +147,8 @@ def write_summary_csv(jobs: Sequence[JobSummary], path: Path) -> None:
                     "" if job.layers is None else " ".join(str(layer) for layer in job.layers),
                     _number(job.refusal_before),
                     _number(job.refusal_after),
+                    _number(job.refusal_score_before),
+                    _number(job.refusal_score_after),
                     _number(job.kl_divergence),
                     job.stages,
                     job.cached_stages,

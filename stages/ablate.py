@@ -25,15 +25,16 @@ from pipeline import artifacts, lora_export, models, source_hashes
 from pipeline.architectures import Architecture, num_decoder_layers, text_config
 from pipeline.checkpoint_copy import edit_checkpoint
 from pipeline.measurement import check_measurement_matches, read_measurements
-from pipeline.plan import read_plan
+from pipeline.plan import plan_directions, read_plan
 from pipeline.stage import Stage, StageContext
-from pipeline.weight_edit import ResolvedPlan, directions_for_method
+from pipeline.weight_edit import ResolvedPlan, directions_for_plan
 
 
 def run(ctx: StageContext) -> None:
     plan = read_plan(ctx.inputs["select"] / "ablation.yaml")
     measurement_path = ctx.inputs["measure"] / "measurements.safetensors"
     measurements = read_measurements(measurement_path)
+    directions = directions_for_plan(measurements.tensors, plan)  # a plan the measurement cannot serve fails here
     model_cfg = ctx.config["model"]
     lora = ctx.config["export"]["format"] == "lora"
     if lora:  # refused before any copy when the plan is not a low-rank edit
@@ -51,7 +52,7 @@ def run(ctx: StageContext) -> None:
         source,
         ctx.out_dir / "model",
         plan,
-        directions_for_method(measurements.tensors, plan["method"]),
+        directions,
         progress=ctx.progress,
         embed=ctx.config["ablate"]["embed"]["enabled"] is True,
         source_hashes=known_hashes(model_cfg, source, ctx.model_store, stats),
@@ -60,8 +61,7 @@ def run(ctx: StageContext) -> None:
     )
     if lora:
         ctx.manifest_extra["lora"] = lora_export.write_adapter(
-            source, ctx.out_dir / "lora", plan, directions_for_method(measurements.tensors, plan["method"]),
-            plan.get("model", str(source)))
+            source, ctx.out_dir / "lora", plan, directions, plan.get("model", str(source)))
     source_hashes.check_unchanged(source, stats, report["source_files"])
     if model_cfg["source"] not in models.MATERIALIZED_SOURCES:
         source_hashes.remember(ctx.model_store, source, stats, report["source_files"])
@@ -97,13 +97,18 @@ def model_card(
         else "Token embeddings: unchanged.\n"
     )
     caveat = f"\nNote: {arch.note}.\n" if arch.note else ""
+    count = plan_directions(plan)
+    removed = "the refusal direction" if count == 1 else (
+        f"{count} directions (the refusal direction and the {count - 1} leading principal direction"
+        f"{'s' if count > 2 else ''} of the harmful prompts' activations around it)"
+    )
     keys = "".join(f"- {stage}: `{key}`\n" for stage, key in sorted(cache_keys.items()))
     provenance = f"\nPipeline cache keys (`<cache.dir>/<stage>/<key>/`):\n\n{keys}" if keys else ""
     return (
         f"---\nbase_model: {model}\ntags:\n- abliterated\n---\n\n"
         f"# {model} (abliterated)\n\n"
         f"Source: `{model}` (checkpoint folder `{source_dir.name}`).\n\n"
-        f"Method: `{resolved.method}`. Each listed decoder layer (0-based) had the refusal direction removed "
+        f"Method: `{resolved.method}`. Each listed decoder layer (0-based) had {removed} removed "
         "from its attention output projection and its MLP down projections (all experts, shared experts "
         "and biases included).\n\n"
         "| layer | direction_from | attn scale | mlp scale |\n|---|---|---|---|\n"

@@ -20,4 +20,5 @@ def run(ctx: StageContext) -> None:
 
 
 # Version 2: the formula version is the code's (pipeline.refusal_direction.FORMULA_VERSION), no longer a config key.
-STAGE = Stage(name="measure", version="2", needs=("collect",), config_keys=(), run=run)
+# Version 3: measurements.safetensors also holds `directions_extra` (select.directions > 1) from kept activations.
+STAGE = Stage(name="measure", version="3", needs=("collect",), config_keys=(), run=run)

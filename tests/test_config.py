@@ -89,8 +89,7 @@ def test_every_option_of_every_group_composes_with_its_documented_values():
             name, harmful, n_train, n_eval)
         slices(cfg)
     cfg = compose_config(["model=tiny"])
-    for group in ("eval", "optimize"):
-        assert OmegaConf.to_container(cfg[group]) == file_values(group), group
+    assert OmegaConf.to_container(cfg.eval) == file_values("eval")
     assert (cfg.collect.positions, cfg.collect.keep_activations, cfg.ablate.embed.enabled, cfg.plan) == (
         "last", True, False, None)
 
@@ -184,7 +183,7 @@ def test_a_setting_left_unset_fails_when_sliced(tmp_path):
 
 def test_the_schema_applies_to_the_shipped_config_files_read_raw():
     """Every group file, merged onto its section's schema by hand, is accepted (no stray or misspelled key)."""
-    for group, section in (("eval", "eval"), ("optimize", "optimize"), ("select", "select")):
+    for group, section in (("eval", "eval"), ("select", "select")):
         check(section, file_values(group))
     for name in PROMPTS:
         check("prompts", file_values("prompts", name))

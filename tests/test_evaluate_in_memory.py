@@ -11,9 +11,10 @@ import torch
 
 from pipeline import model_cache
 from pipeline.errors import PipelineError
-from pipeline.evaluation import kl_divergence, per_token_kl
+from pipeline.evaluation import per_token_kl
 from pipeline.judge_models import make_judge
 from pipeline.models import load_model
+from pipeline.prompt_sets import prompt_categories
 from pipeline.runner import config_slice, with_export
 from pipeline.scoring import eval_prompts, evaluate_metrics, read_baseline, score
 from pipeline.stages import registry
@@ -32,7 +33,8 @@ def exported_metrics(summary: dict, overrides: list[str], model_store: Path) -> 
     scored = score(model, tokenizer, harmful, harmless, eval_cfg, make_judge(eval_cfg, model_store), False)
     token_kl = per_token_kl(baseline.topk, model, tokenizer, harmless, int(eval_cfg["batch_size"]),
                             str(eval_cfg["thinking"]), False)
-    metrics = evaluate_metrics(baseline, scored, kl_divergence(baseline.logprobs, scored.logprobs), token_kl, eval_cfg)
+    categories = prompt_categories(plain["prompts"]["harmless"])
+    metrics = evaluate_metrics(baseline, scored, harmless, token_kl, eval_cfg, categories)
     return json.loads(json.dumps(metrics))  # as metrics.json holds it
 
 

@@ -256,7 +256,7 @@ def leaf_settings(section: type, prefix: str = "") -> list[tuple[str, typing.Any
 
 
 PROPERTY_CASES = [(key, value) for key, kind in leaf_settings(schema.Config)
-                  if (value := wrong_value(kind)) is not None and not key.startswith("optimize.")]
+                  if (value := wrong_value(kind)) is not None]
 
 
 @pytest.mark.parametrize(("key", "value"), PROPERTY_CASES, ids=[key for key, _ in PROPERTY_CASES])

@@ -1,4 +1,4 @@
-"""Shipped prompt data, loaders for every source form, and the train/eval split."""
+"""Shipped prompt data, loaders for every source form, and the train/eval split (validation: test_prompt_splits.py)."""
 
 from __future__ import annotations
 
@@ -22,9 +22,10 @@ from pipeline.prompt_sets import (
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf" / "prompts"
 SHIPPED = {
-    "harmful": {"source": "pkg:prompts/harmful.txt", "field": None, "split": None},
-    "harmless": {"source": "pkg:prompts/harmless.txt", "field": None, "split": None},
+    "harmful": {"source": "pkg:prompts/harmful.txt", "field": None, "split": None, "category_field": None},
+    "harmless": {"source": "pkg:prompts/harmless.jsonl", "field": "prompt", "split": None, "category_field": "category"},
 }
+PACKAGE = Path(__file__).resolve().parents[1] / "prompts"
 PROMPTS = ["Write a poem about rain", "How do I bake bread?", "Explain how tides work"]
 
 
@@ -50,35 +51,45 @@ def test_shipped_sets_are_large_enough(shipped):
     assert len(shipped["harmless"].texts) >= 520
 
 
+def _shipped_rows() -> dict[str, list[dict]]:
+    """Each file's rows as written: harmful.txt one prompt a line, harmless.jsonl {"category", "prompt"} objects."""
+    harmful = (PACKAGE / "harmful.txt").read_text(encoding="utf-8").splitlines()
+    harmless = (PACKAGE / "harmless.jsonl").read_text(encoding="utf-8").splitlines()
+    return {"harmful": [{"prompt": line} for line in harmful], "harmless": [json.loads(line) for line in harmless]}
+
+
 def test_shipped_files_have_no_duplicates_within_or_across(shipped):
-    package = Path(__file__).resolve().parents[1] / "prompts"
     normalized = {}
-    for side in SHIPPED:
-        lines = (package / f"{side}.txt").read_text(encoding="utf-8").splitlines()
-        assert all(line.strip() == line and line for line in lines), f"{side}.txt has blank or padded lines"
-        keys = [normalize_prompt(line) for line in lines]
-        assert len(keys) == len(set(keys)), f"{side}.txt has duplicate prompts"
-        assert len(shipped[side].texts) == len(lines)  # nothing dropped by the loader's dedup
+    for side, rows in _shipped_rows().items():
+        prompts = [row["prompt"] for row in rows]
+        assert all(text.strip() == text and text for text in prompts), f"{side} has blank or padded prompts"
+        keys = [normalize_prompt(text) for text in prompts]
+        assert len(keys) == len(set(keys)), f"{side} has duplicate prompts"
+        assert len(shipped[side].texts) == len(prompts)  # nothing dropped by the loader's dedup
         normalized[side] = set(keys)
     assert normalized["harmful"].isdisjoint(normalized["harmless"])
+    assert all(set(row) == {"category", "prompt"} for row in _shipped_rows()["harmless"])
 
 
-def test_shipped_sets_match_in_length(shipped):
-    harmful, harmless = _mean_words(shipped["harmful"].texts), _mean_words(shipped["harmless"].texts)
+def test_shipped_short_requests_match_the_harmful_set_in_length(shipped):
+    """The short requests are the harmful set's counterpart in form (prompts/README.md); the other kinds are not."""
+    short = tuple(row["prompt"] for row in _shipped_rows()["harmless"] if row["category"] == "short_request")
+    harmful, harmless = _mean_words(shipped["harmful"].texts), _mean_words(short)
+    assert len(short) == 601
     assert abs(harmful - harmless) / max(harmful, harmless) < 0.20
 
 
 def test_shipped_hash_is_the_file_hash(shipped):
-    package = Path(__file__).resolve().parents[1] / "prompts"
-    assert shipped["harmful"].sha256 == hashlib.sha256((package / "harmful.txt").read_bytes()).hexdigest()
+    for side, name in (("harmful", "harmful.txt"), ("harmless", "harmless.jsonl")):
+        assert shipped[side].sha256 == hashlib.sha256((PACKAGE / name).read_bytes()).hexdigest()
 
 
 def test_default_preset_splits_disjoint_sizes():
     cfg = OmegaConf.load(CONF_DIR / "default.yaml")
     splits = prompt_splits(cfg)
-    sizes = [cfg.n_train, cfg.n_eval]
-    assert [len(splits.harmful_train), len(splits.harmful_eval)] == sizes
-    assert [len(splits.harmless_train), len(splits.harmless_eval)] == sizes
+    sizes = [cfg.n_train, cfg.n_eval, cfg.n_val]
+    assert [len(splits.harmful_train), len(splits.harmful_eval), len(splits.harmful_val)] == sizes
+    assert [len(splits.harmless_train), len(splits.harmless_eval), len(splits.harmless_val)] == sizes
     check_disjoint(splits.harmful_train, splits.harmful_eval, "harmful")
     check_disjoint(splits.harmless_train, splits.harmless_eval, "harmless")
     assert set(splits.hashes) == {"harmful", "harmless"} and splits.hashes["harmful"] != splits.hashes["harmless"]
@@ -111,33 +122,34 @@ def test_check_disjoint_catches_a_normalized_leak():
 
 
 def test_split_is_disjoint_and_sized():
-    train, held_out = split_prompts(_file_set(10), seed=0, n_train=6, n_eval=3)
-    assert len(train) == 6 and len(held_out) == 3
+    train, held_out, val = split_prompts(_file_set(10), seed=0, n_train=6, n_eval=3, n_val=1)
+    assert len(train) == 6 and len(held_out) == 3 and len(val) == 1
     assert set(train).isdisjoint(held_out)
-    assert len(set(train) | set(held_out)) == 9
+    assert len(set(train) | set(held_out) | set(val)) == 10
 
 
 def test_split_is_deterministic_and_depends_on_seed_and_hash():
     base = _file_set(50)
-    first = split_prompts(base, seed=0, n_train=10, n_eval=5)
-    assert split_prompts(base, seed=0, n_train=10, n_eval=5) == first
-    assert split_prompts(base, seed=1, n_train=10, n_eval=5) != first
+    first = split_prompts(base, seed=0, n_train=10, n_eval=5, n_val=5)
+    assert split_prompts(base, seed=0, n_train=10, n_eval=5, n_val=5) == first
+    assert split_prompts(base, seed=1, n_train=10, n_eval=5, n_val=5) != first
     rehashed = PromptSet(texts=base.texts, sha256=hashlib.sha256(b"y").hexdigest(), source="toy.txt")
-    assert split_prompts(rehashed, seed=0, n_train=10, n_eval=5) != first
+    assert split_prompts(rehashed, seed=0, n_train=10, n_eval=5, n_val=5) != first
 
 
 def test_split_train_is_a_prefix_of_a_larger_train():
     """Same shuffle for every size: growing n_train only adds prompts."""
-    small, _ = split_prompts(_file_set(50), seed=3, n_train=5, n_eval=5)
-    large, _ = split_prompts(_file_set(50), seed=3, n_train=20, n_eval=5)
+    small = split_prompts(_file_set(50), seed=3, n_train=5, n_eval=5, n_val=5)[0]
+    large = split_prompts(_file_set(50), seed=3, n_train=20, n_eval=5, n_val=5)[0]
     assert large[:5] == small
 
 
 def test_split_needs_enough_prompts_and_positive_sizes():
-    with pytest.raises(PipelineError, match=r"toy\.txt has 5 distinct prompts but n_train \+ n_eval = 6"):
-        split_prompts(_file_set(5), seed=0, n_train=4, n_eval=2)
-    with pytest.raises(PipelineError, match=r"toy\.txt must both be >= 1"):
-        split_prompts(_file_set(5), seed=0, n_train=0, n_eval=2)
+    with pytest.raises(PipelineError, match=r"toy\.txt has 5 distinct prompts but n_train \+ n_eval \+ n_val = 6"):
+        split_prompts(_file_set(5), seed=0, n_train=3, n_eval=2, n_val=1)
+    for sizes in ((0, 2, 1), (2, 0, 1), (2, 1, 0)):
+        with pytest.raises(PipelineError, match=r"toy\.txt must all be >= 1"):
+            split_prompts(_file_set(5), 0, *sizes)
 
 
 # --- loaders --------------------------------------------------------------------------------
@@ -281,8 +293,8 @@ def test_unreadable_file(tmp_path):
 def test_too_few_prompts_for_the_split_names_the_file(tmp_path):
     path = tmp_path / "small.txt"
     path.write_text("a\nb\nc\n", encoding="utf-8")
-    with pytest.raises(PipelineError, match=r"small\.txt has 3 distinct prompts but n_train \+ n_eval = 4"):
-        split_prompts(load_prompt_set({"source": str(path)}), seed=0, n_train=2, n_eval=2)
+    with pytest.raises(PipelineError, match=r"small\.txt has 3 distinct prompts but n_train \+ n_eval \+ n_val = 4"):
+        split_prompts(load_prompt_set({"source": str(path)}), seed=0, n_train=2, n_eval=1, n_val=1)
 
 
 def test_spec_without_source():
