@@ -28,9 +28,10 @@ from pipeline.plan import read_plan
 from pipeline.search_schema import SearchSweeperConf
 from tiny_pipeline import SMALL, compose_config, one_line_error, run_cli, run_in_process
 
-SEED = "{select: {direction_from: %s, skip_first: %s, skip_last: %s, scale: %s, attn_scale: %s, method: %s}}"
-SEEDS = "hydra.sweeper.seeds=[%s, %s]" % (SEED % (0.5, 0.0, 0.0, 1.5, 1.5, "orthogonal"),
-                                          SEED % (0.3, 0.15, 0.35, 0.5, 1.0, "norm_preserving"))
+SEED = ("{select: {direction_from: %s, skip_first: %s, skip_last: %s, scale: %s, attn_scale: %s, method: %s, "
+        "directions: %s}}")
+SEEDS = "hydra.sweeper.seeds=[%s, %s]" % (SEED % (0.5, 0.0, 0.0, 1.5, 1.5, "orthogonal", 1),
+                                          SEED % (0.3, 0.15, 0.35, 0.5, 1.0, "norm_preserving", 2))
 TINY = (*SMALL, "prompts.n_val=4", "eval.kl_prompts=4", "eval.harmless_max_new_tokens=4", "eval.kl_tokens=4",
         "eval.refusal_markers=[u,d,Sorry]")
 """SMALL with a small validation split and short harmless answers (a trial scores 4 + 4 prompts); single-letter
@@ -65,7 +66,7 @@ def test_the_default_preset_is_a_valid_space_seeded_with_the_band_default():
     settings = default_settings()
     found = space.validate(settings)
     assert found.keys == ("select.direction_from", "select.skip_first", "select.skip_last", "select.scale",
-                          "select.attn_scale", "select.method")
+                          "select.attn_scale", "select.method", "select.directions")
     assert found.trial_overrides == ("eval.split=validation",) and found.export and found.n_jobs is None
     band = compose_config(["mode=band"]).select
     assert {key: band[key.split(".")[1]] for key in found.keys} in found.seeds
@@ -160,12 +161,14 @@ def test_trials_are_pipeline_jobs_that_export_nothing_and_share_one_model_load(s
         assert "eval.split=validation" in run["overrides"] and "run.export=false" in run["overrides"]
     export = json.loads((root / "first" / "export" / "run.json").read_text())
     assert "ablate" in export["stages"] and "eval.split=validation" not in export["overrides"]
-    assert [path.name for path in (root / "cache" / "ablate").iterdir() if not path.name.startswith(".")] == [
-        Path(export["stages"]["ablate"]["dir"]).name]  # the chosen plan only, written by the last job
+    exported = {Path(json.loads((root / run / "export" / "run.json").read_text())["stages"]["ablate"]["dir"]).name
+                for run in ("first", "second")}  # the resumed search may choose another plan
+    assert {path.name for path in (root / "cache" / "ablate").iterdir() if not path.name.startswith(".")} == exported
     assert searched["loads"] == 1  # trials, the export's baseline on the eval split and its evaluate: one load
     assert (Path(first["study_dir"]) / "journal.log").is_file() and first["trials"] == 4
     summary = rows(root / "first" / "summary.csv")  # the sweep summary still covers every job
-    assert len(summary) == 5 and summary[0]["export"].endswith("select.method=orthogonal 'run.stages=[ablate]'")
+    assert len(summary) == 5
+    assert summary[0]["export"].endswith("select.method=orthogonal select.directions=1 'run.stages=[ablate]'")
     assert "search=" not in summary[0]["export"]  # a single run that exports the trial, not another search
 
 
