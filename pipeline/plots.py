@@ -43,8 +43,9 @@ def plot_pareto(
     chosen_label: str = "chosen",
     max_kl: float | None = None,
     empty: str = "nothing to plot",
+    y_label: str = "refusal rate on held-out harmful prompts",
 ) -> None:
-    """Refusal rate against KL for points `(kl, refusal_rate)`: every point in grey, the Pareto front
+    """Refusal rate (or `y_label`'s figure) against KL for points `(kl, refusal_rate)`: every point in grey, the Pareto front
     (`pipeline.pareto.pareto_front` indices) as a step line, optional per-point labels, the `chosen`
     point as a star and the search's `max_kl` budget as a dashed line (the sweep summary and the plan search)."""
     figure = Figure(figsize=(8, 5))
@@ -69,7 +70,7 @@ def plot_pareto(
     # KL >= 0; at least the linear part [0, 1e-3] is shown, so a few tiny KLs do not get a zero-width axis
     axes.set_xlim(0, 1.5 * max([1e-3, *(x for x, _ in points), *([] if max_kl is None else [max_kl])]))
     axes.set_xlabel("KL divergence on harmless prompts (nats, symlog; lower is better)")
-    axes.set_ylabel("refusal rate on held-out harmful prompts")
+    axes.set_ylabel(y_label)
     axes.set_ylim(-0.02, 1.02)
     axes.grid(True, alpha=0.3)
     axes.set_title(title)

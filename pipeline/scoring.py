@@ -23,11 +23,11 @@ from safetensors.torch import load_file
 from pipeline.artifacts import save_tensors, write_json
 from pipeline.errors import PipelineError
 from pipeline.evaluation import (
-    first_token_logprobs, greedy_completions, kl_divergence, kl_per_prompt, outcome_summary, refusal_summary, reference_topk,
+    greedy_completions, kl_divergence, kl_per_prompt, outcome_summary, refusal_summary, reference_topk,
     special_tokens,
 )
 from pipeline.forward_scores import ForwardScores, in_memory_scores
-from pipeline.judge_models import MarkersJudge, make_judge
+from pipeline.judge_models import MarkersJudge
 from pipeline.judges import REASONING_SECTIONS, MarkerRules, Verdict, answer_text
 from pipeline.prompt_sets import prompt_splits
 
@@ -96,19 +96,6 @@ def judged_completions(model, tokenizer, prompts: Sequence[str], eval_cfg: Mappi
     return Judged(list(prompts), generated.texts, [a.text for a in answers], verdicts, generated.ids)
 
 
-def refusals(model, tokenizer, harmful: Sequence[str], eval_cfg: Mapping[str, Any], progress: bool,
-             judge=None) -> tuple[list[str], list[bool]]:
-    """(judged answers, refusal flags) of the harmful prompts: the plan search's objective."""
-    judged = judged_completions(model, tokenizer, harmful, eval_cfg, judge or make_judge(eval_cfg), progress)
-    return judged.answers, judged.flags
-
-
-def harmless_logprobs(model, tokenizer, harmless: Sequence[str], eval_cfg: Mapping[str, Any], progress: bool) -> torch.Tensor:
-    """[n, vocab] first-token log-probabilities of the harmless prompts: the KL reference or its comparison."""
-    return first_token_logprobs(model, tokenizer, harmless, int(eval_cfg["batch_size"]), progress,
-                                str(eval_cfg["thinking"]))
-
-
 @dataclass(frozen=True)
 class ModelScore:
     harmful: Judged | None
@@ -134,12 +121,6 @@ def score(model, tokenizer, harmful: list[str], harmless: list[str], eval_cfg: M
         judged_completions(model, tokenizer, harmless, harmless_cfg, judge, progress),
         forward,
     )
-
-
-def score_model(model, tokenizer, harmful: list[str], harmless: list[str], eval_cfg: Mapping[str, Any], progress: bool):
-    """(judged answers, refusal flags, harmless first-token logprobs) for one model (harmful prompts only)."""
-    answers, flags = refusals(model, tokenizer, harmful, eval_cfg, progress)
-    return answers, flags, harmless_logprobs(model, tokenizer, harmless, eval_cfg, progress)
 
 
 GENERATED = ("refusal", "outcomes", "over_refusal", "harmless_outcomes")

@@ -70,10 +70,6 @@ class JobSummary:
     error: str = ""
 
     @property
-    def evaluated(self) -> bool:
-        return self.refusal_after is not None and self.kl_divergence is not None
-
-    @property
     def export_command(self) -> str:
         """The command that writes this job's model directory from the cache (only ablate runs), once evaluate finished
         (with or without generation)."""
@@ -161,8 +157,9 @@ def write_summary_csv(jobs: Sequence[JobSummary], path: Path) -> None:
 
 def plot_sweep(jobs: Sequence[JobSummary], path: Path) -> None:
     """pareto.png: evaluated jobs as points labelled by their varying overrides, the Pareto front joined."""
-    shown = [(job, label) for job, label in zip(jobs, varying_overrides(jobs)) if job.evaluated]
-    points = [(job.kl_divergence, job.refusal_after) for job, _ in shown]
+    shown = [(job, label) for job, label in zip(jobs, varying_overrides(jobs)) if job.kl_divergence is not None]
+    generated = all(job.refusal_after is not None for job, _ in shown)  # else eval.generate=false: the refusal score
+    points = [(job.kl_divergence, job.refusal_after if generated else job.refusal_score_after) for job, _ in shown]
     failed = len(jobs) - len(shown)
     plot_pareto(
         path,
@@ -172,6 +169,8 @@ def plot_sweep(jobs: Sequence[JobSummary], path: Path) -> None:
         labels=[" ".join((f"#{job.job}", *label)) for job, label in shown],
         point_label="sweep point",
         empty="no job finished evaluate",
+        y_label="refusal rate on held-out harmful prompts" if generated else
+        "refusal score (first-token mass on refusal tokens; eval.generate=false)",
     )
 
 

@@ -145,3 +145,18 @@ def test_the_export_command_of_a_point_runs_only_ablate(sweep):
     assert [name for name, stage in exported["stages"].items() if not stage["cached"]] == ["ablate"]
     assert exported["stages"]["select"]["key"] == run["stages"]["select"]["key"]
     assert (Path(exported["stages"]["ablate"]["dir"]) / "model" / "config.json").is_file()
+
+
+def test_a_forward_only_sweep_plots_the_refusal_score(tmp_path, monkeypatch):
+    import pipeline.sweep as sweep
+
+    drawn = {}
+    monkeypatch.setattr(sweep, "plot_pareto", lambda path, points, front, title, **kw: drawn.update(points=points, **kw))
+    jobs = [JobSummary(str(i), (f"mode.top_n={i}",), 5, 3, 1.0, refusal_score_before=0.4, refusal_score_after=score,
+                       kl_divergence=kl) for i, (score, kl) in enumerate([(0.2, 0.01), (0.05, 0.03), (0.1, 0.5)])]
+    jobs.append(JobSummary("3", ("mode.top_n=3",), 5, 3, 1.0, error="selected nothing"))
+    sweep.plot_sweep(jobs, tmp_path / "pareto.png")
+    assert drawn["points"] == [(0.01, 0.2), (0.03, 0.05), (0.5, 0.1)] and drawn["y_label"].startswith("refusal score")
+    jobs[0] = JobSummary("0", ("mode.top_n=0",), 5, 3, 1.0, refusal_after=0.25, refusal_score_after=0.2, kl_divergence=0.01)
+    sweep.plot_sweep(jobs[:1], tmp_path / "pareto.png")
+    assert drawn["points"] == [(0.01, 0.25)] and drawn["y_label"].startswith("refusal rate")
