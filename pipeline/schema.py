@@ -180,6 +180,7 @@ class CollectConfig:
     keep_activations: bool = MISSING
     thinking: Thinking = MISSING
     streaming: Streaming = MISSING  # off | layers | auto (not in the cache key: both give bit-identical activations)
+    harmless_categories: Optional[List[str]] = MISSING  # train on these harmless categories only; null: every prompt
 
 
 @dataclass

@@ -31,7 +31,7 @@ from pipeline.prompt_sets import (
 from pipeline.runner import config_slice
 from pipeline.scoring import eval_prompts
 from pipeline.stages import registry
-from tiny_pipeline import CONF, compose_config, run_cli
+from tiny_pipeline import CONF, compose_config, one_line_error, run_cli
 
 CATEGORIES = {"short_request", "long_request", "code", "maths", "structured_output", "roleplay", "translation", "advice"}
 
@@ -216,3 +216,33 @@ def test_a_set_without_usable_categories_is_refused_naming_the_file(tmp_path, na
     with pytest.raises(PipelineError, match=says) as caught:
         prompt_categories(_spec(path))
     assert "\n" not in str(caught.value)
+
+
+# --- collect.harmless_categories: a form-matched contrast set for the direction ---------------------------------------
+
+
+def test_harmless_categories_restrict_train_and_leave_the_held_out_slices(default_prompts, splits):
+    narrowed = prompt_splits(default_prompts, ["short_request"])
+    categories = splits.categories["harmless"]
+    assert len(narrowed.harmless_train) == default_prompts["n_train"]
+    assert {categories[text] for text in narrowed.harmless_train} == {"short_request"}
+    assert {categories[text] for text in splits.harmless_train} > {"short_request"}  # the default trains on every kind
+    assert (narrowed.harmless_eval, narrowed.harmless_val) == (splits.harmless_eval, splits.harmless_val)
+    assert narrowed.harmful_train == splits.harmful_train
+    _assert_pairwise_disjoint({"train": narrowed.harmless_train, "eval": narrowed.harmless_eval,
+                               "validation": narrowed.harmless_val})
+    kept = [text for text in splits.harmless_train if categories[text] == "short_request"]
+    assert narrowed.harmless_train[:len(kept)] == kept  # the head's matching prompts first, in shuffled order
+
+
+@pytest.mark.parametrize("override, message", [
+    ("collect.harmless_categories=[shrt_request]", "collect.harmless_categories: ['shrt_request'] not among the harmless"),
+    ("collect.harmless_categories=[]", "collect.harmless_categories: [] not among"),
+    ("collect.harmless_categories=[translation]",  # 50 translations, some of them held out
+     "only 4"),
+    ("prompts.harmless.category_field=null", "needs a harmless set with categories"),
+])
+def test_bad_harmless_categories_are_one_line_before_work(override, message, capsys, monkeypatch):
+    extra = ["collect.harmless_categories=[short_request]"] if override.startswith("prompts.") else []
+    status, err = run_cli([override, *extra, "prompts.n_train=48"], capsys, monkeypatch)
+    assert message in one_line_error(status, err)
