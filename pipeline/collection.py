@@ -43,7 +43,6 @@ from pipeline.architectures import is_moe
 from pipeline.artifacts import save_tensors, write_json
 from pipeline.errors import PipelineError
 from pipeline.layer_stream import LayerStream
-from pipeline.prompt_sets import prompt_splits
 
 LABELS = ("harmful", "harmless")
 ACTIVATIONS = "activations.safetensors"
@@ -52,13 +51,10 @@ PROMPTS = "prompts.jsonl"
 
 def validate(config: Mapping[str, Any]) -> None:
     """Refuse a bad `collect.batch_size` (a union the schema leaves to this step) in one line before any model
-    is loaded, and `collect.harmless_categories` the prompt set cannot serve. `collect.positions`,
-    `collect.keep_activations` and `collect.dtype` are typed by the schema."""
+    is loaded. `collect.positions`, `collect.keep_activations` and `collect.dtype` are typed by the schema."""
     size = config["collect"]["batch_size"]
     if size != "auto" and (isinstance(size, bool) or not isinstance(size, int) or size < 1):
         raise PipelineError(f"collect.batch_size={size!r} must be a positive integer or auto")
-    if config["collect"]["harmless_categories"] is not None:  # names a category the set has, enough prompts of it
-        prompt_splits(config["prompts"], config["collect"]["harmless_categories"])
 
 
 def kept_tensors(

@@ -134,7 +134,7 @@ def split_prompts(
     return train, *held_out
 
 
-def prompt_splits(prompts_cfg: Mapping[str, Any], harmless_categories: Sequence[str] | None = None) -> PromptSplits:
+def prompt_splits(prompts_cfg: Mapping[str, Any]) -> PromptSplits:
     """Load and split both classes of the resolved `prompts` config group.
 
     The runner calls this while it computes cache keys, so a set too small for the three slices, or a
@@ -147,9 +147,10 @@ def prompt_splits(prompts_cfg: Mapping[str, Any], harmless_categories: Sequence[
     check_classes_disjoint(harmful, harmless)
     categories = {"harmful": _categories(prompts_cfg["harmful"], harmful),
                   "harmless": _categories(prompts_cfg["harmless"], harmless)}
-    harmful_train, harmful_eval, harmful_val = split_prompts(harmful, seed, *sizes)
+    harmful_train, harmful_eval, harmful_val = split_prompts(
+        harmful, seed, *sizes, _train_pool("harmful", prompts_cfg["harmful"]["train_categories"], categories["harmful"]))
     harmless_train, harmless_eval, harmless_val = split_prompts(
-        harmless, seed, *sizes, _train_pool(harmless_categories, categories["harmless"]))
+        harmless, seed, *sizes, _train_pool("harmless", prompts_cfg["harmless"]["train_categories"], categories["harmless"]))
     return PromptSplits(
         harmful_train=harmful_train,
         harmful_eval=harmful_eval,
@@ -197,18 +198,19 @@ def check_classes_disjoint(harmful: PromptSet, harmless: PromptSet) -> None:
         )
 
 
-def _train_pool(wanted: Sequence[str] | None, categories: Mapping[str, str]) -> Callable[[str], bool] | None:
-    """The filter `collect.harmless_categories` asks for: a direction measured against harmless prompts of the
-    harmful set's own form (short requests) does not also encode "long", "code" or "translation"."""
+def _train_pool(side: str, wanted: Sequence[str] | None, categories: Mapping[str, str]) -> Callable[[str], bool] | None:
+    """The filter `prompts.<side>.train_categories` asks for. The default harmless set trains on its short requests:
+    a direction measured against harmless prompts of the harmful set's own form does not also encode "long",
+    "code" or "translation", and removing it damages those less (bench/RESULTS.md "frontier")."""
     if wanted is None:
         return None
+    where = f"prompts.{side}.train_categories"
     if not categories:
-        raise PipelineError("collect.harmless_categories needs a harmless set with categories (prompts.harmless.category_field)")
+        raise PipelineError(f"{where} needs a set with categories: set prompts.{side}.category_field, or {where}=null")
     known = sorted(set(categories.values()))
     unknown = [category for category in wanted if category not in known]
     if unknown or not wanted:
-        raise PipelineError(f"collect.harmless_categories: {unknown or '[]'} not among the harmless set's categories "
-                            f"{', '.join(known)}")
+        raise PipelineError(f"{where}: {unknown or '[]'} not among the set's categories {', '.join(known)}")
     allowed = set(wanted)
     return lambda text: categories[text] in allowed
 

@@ -27,7 +27,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, Collection, Iterator, Mapping, Sequence
 
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue
@@ -109,22 +109,23 @@ def config_slice(cfg: DictConfig, keys: Sequence[str]) -> dict[str, Any]:
     return values
 
 
-def hashed_slice(values: Mapping[str, Any]) -> dict[str, Any]:
-    """The part of a config slice that goes into the key: non-semantic fields removed."""
+def hashed_slice(values: Mapping[str, Any], unkeyed: Collection[str] = ()) -> dict[str, Any]:
+    """The part of a config slice that goes into the key: non-semantic fields (and a stage's `unkeyed`) removed."""
+    dropped = NON_SEMANTIC_KEYS | frozenset(unkeyed)
 
     def strip(prefix: str, value: Any) -> Any:
         if isinstance(value, dict):
-            return {k: strip(f"{prefix}.{k}", v) for k, v in value.items() if f"{prefix}.{k}" not in NON_SEMANTIC_KEYS}
+            return {k: strip(f"{prefix}.{k}", v) for k, v in value.items() if f"{prefix}.{k}" not in dropped}
         return value
 
-    return {key: strip(key, value) for key, value in values.items() if key not in NON_SEMANTIC_KEYS}
+    return {key: strip(key, value) for key, value in values.items() if key not in dropped}
 
 
 def cache_key(stage: Stage, values: Mapping[str, Any], upstream: Mapping[str, str], digests: Mapping[str, str]) -> str:
     payload = {
         "stage": stage.name,
         "version": stage.version,
-        "config": hashed_slice(values),
+        "config": hashed_slice(values, stage.unkeyed),
         "upstream": dict(upstream),
         "inputs": dict(digests),
     }

@@ -111,6 +111,7 @@ class PromptSource:
     split: Optional[str] = MISSING
     subset: Optional[str] = setting(optional=True)  # hf sources only
     category_field: Optional[str] = MISSING  # column naming each row's category; null: a set without categories
+    train_categories: Optional[List[str]] = MISSING  # collect trains on these categories only; null: every prompt
 
 
 @dataclass
@@ -180,7 +181,6 @@ class CollectConfig:
     keep_activations: bool = MISSING
     thinking: Thinking = MISSING
     streaming: Streaming = MISSING  # off | layers | auto (not in the cache key: both give bit-identical activations)
-    harmless_categories: Optional[List[str]] = MISSING  # train on these harmless categories only; null: every prompt
 
 
 @dataclass

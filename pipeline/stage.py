@@ -53,6 +53,9 @@ class Stage:
     input_digest: Callable[[Mapping[str, Any], Path], Mapping[str, str]] | None = None
     """Optional: (config slice, model_store) -> {name: sha256} of external input *contents* (prompt files,
     model fingerprint). Hashed into the cache key so an edited prompt file invalidates `collect`."""
+    unkeyed: tuple[str, ...] = ()
+    """Dotted keys inside `config_keys` that cannot change this stage's output, left out of its cache key (baseline
+    reads only the held-out prompts, which `prompts.*.train_categories` never moves: tests/test_prompt_splits.py)."""
     data_parallel: bool = False
     """True when every process of an `accelerate launch`/`torchrun` launch runs `run` together (each on
     its shard; only the main process writes). Other stages run on the main process alone."""

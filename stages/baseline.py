@@ -55,4 +55,5 @@ STAGE = Stage(
     run=run,
     validate=validate,
     input_digest=input_digests.prompts_model_and_judge,
+    unkeyed=("prompts.harmful.train_categories", "prompts.harmless.train_categories"),
 )

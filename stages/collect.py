@@ -22,7 +22,7 @@ log = logging.getLogger(__name__)
 def run(ctx: StageContext) -> None:
     settings = ctx.config["collect"]
     main = distributed.is_main_process()
-    splits = prompt_splits(ctx.config["prompts"], settings["harmless_categories"])
+    splits = prompt_splits(ctx.config["prompts"])
     model_cfg = dict(ctx.config["model"])
     model_cfg["device_map"] = distributed.local_device_map(model_cfg["device_map"])
     chosen, why = layer_stream.choose(

@@ -28,7 +28,7 @@ from pipeline.prompt_sets import (
     prompt_splits,
     split_prompts,
 )
-from pipeline.runner import config_slice
+from pipeline.runner import config_slice, hashed_slice
 from pipeline.scoring import eval_prompts
 from pipeline.stages import registry
 from tiny_pipeline import CONF, compose_config, one_line_error, run_cli
@@ -218,31 +218,47 @@ def test_a_set_without_usable_categories_is_refused_naming_the_file(tmp_path, na
     assert "\n" not in str(caught.value)
 
 
-# --- collect.harmless_categories: a form-matched contrast set for the direction ---------------------------------------
+# --- prompts.*.train_categories: a form-matched contrast set for the direction ---------------------------------------
 
 
-def test_harmless_categories_restrict_train_and_leave_the_held_out_slices(default_prompts, splits):
-    narrowed = prompt_splits(default_prompts, ["short_request"])
-    categories = splits.categories["harmless"]
+def _train_on(prompts: dict, side: str, categories: list[str] | None) -> dict:
+    return {**prompts, side: {**prompts[side], "train_categories": categories}}
+
+
+def test_train_categories_restrict_train_and_leave_the_held_out_slices(default_prompts):
+    everything = prompt_splits(_train_on(default_prompts, "harmless", None))
+    narrowed = prompt_splits(_train_on(default_prompts, "harmless", ["short_request"]))
+    categories = everything.categories["harmless"]
     assert len(narrowed.harmless_train) == default_prompts["n_train"]
     assert {categories[text] for text in narrowed.harmless_train} == {"short_request"}
-    assert {categories[text] for text in splits.harmless_train} > {"short_request"}  # the default trains on every kind
-    assert (narrowed.harmless_eval, narrowed.harmless_val) == (splits.harmless_eval, splits.harmless_val)
-    assert narrowed.harmful_train == splits.harmful_train
+    assert {categories[text] for text in everything.harmless_train} > {"short_request"}
+    assert (narrowed.harmless_eval, narrowed.harmless_val) == (everything.harmless_eval, everything.harmless_val)
+    assert narrowed.harmful_train == everything.harmful_train
     _assert_pairwise_disjoint({"train": narrowed.harmless_train, "eval": narrowed.harmless_eval,
                                "validation": narrowed.harmless_val})
-    kept = [text for text in splits.harmless_train if categories[text] == "short_request"]
+    kept = [text for text in everything.harmless_train if categories[text] == "short_request"]
     assert narrowed.harmless_train[:len(kept)] == kept  # the head's matching prompts first, in shuffled order
 
 
+def test_train_categories_change_collect_not_baseline():
+    stages = registry()
+    keys = {}
+    for categories in ("null", "[short_request]", "[short_request,code]"):
+        cfg = compose_config([f"prompts.harmless.train_categories={categories}"])
+        keys[categories] = {name: hashed_slice(config_slice(cfg, stages[name].config_keys), stages[name].unkeyed)
+                            for name in ("collect", "baseline")}
+    assert keys["null"]["baseline"] == keys["[short_request]"]["baseline"] == keys["[short_request,code]"]["baseline"]
+    assert len({str(entry["collect"]) for entry in keys.values()}) == 3
+
+
 @pytest.mark.parametrize("override, message", [
-    ("collect.harmless_categories=[shrt_request]", "collect.harmless_categories: ['shrt_request'] not among the harmless"),
-    ("collect.harmless_categories=[]", "collect.harmless_categories: [] not among"),
-    ("collect.harmless_categories=[translation]",  # 50 translations, some of them held out
+    ("prompts.harmless.train_categories=[shrt_request]",
+     "prompts.harmless.train_categories: ['shrt_request'] not among the set's categories"),
+    ("prompts.harmless.train_categories=[]", "prompts.harmless.train_categories: [] not among"),
+    ("prompts.harmless.train_categories=[translation]",  # 50 translations, some of them held out
      "only 4"),
-    ("prompts.harmless.category_field=null", "needs a harmless set with categories"),
+    ("prompts.harmful.train_categories=[short_request]", "prompts.harmful.train_categories needs a set with categories"),
 ])
-def test_bad_harmless_categories_are_one_line_before_work(override, message, capsys, monkeypatch):
-    extra = ["collect.harmless_categories=[short_request]"] if override.startswith("prompts.") else []
-    status, err = run_cli([override, *extra, "prompts.n_train=48"], capsys, monkeypatch)
+def test_bad_train_categories_are_one_line_before_work(override, message, capsys, monkeypatch):
+    status, err = run_cli([override, "prompts.n_train=48"], capsys, monkeypatch)
     assert message in one_line_error(status, err)
