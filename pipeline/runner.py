@@ -43,11 +43,12 @@ log = logging.getLogger(__name__)
 # Config fields that cannot change a stage's artifact beyond float round-off: how work is batched and
 # where tensors are placed. They are dropped before hashing so a user may change them without losing
 # the cache. This is the one reviewed list; add to it only what is provably content-neutral.
+# eval.batch_size is not here: in bfloat16 a prompt's first-token log-probabilities depend on the batch it is padded
+# into (batch 1 vs 16 on the packaged model: KL 1e-3 between them; float32: 0), so a cached score belongs to its batch size.
 NON_SEMANTIC_KEYS = frozenset(
     {
         "collect.batch_size",
         "collect.streaming",  # layer-streamed activations are bit-identical to in-memory ones (tests/test_layer_stream.py)
-        "eval.batch_size",
         "eval.streaming",  # streamed first-token numbers equal in-memory ones within 1e-5 (tests/test_stream_scores.py)
         "model.device_map",
         "model.max_memory",

@@ -21,11 +21,11 @@ from omegaconf import OmegaConf
 from pipeline import artifacts
 from pipeline.cache import collect_garbage
 from pipeline.cache import main as cache_main
-from pipeline.runner import NON_SEMANTIC_KEYS, Runner, cache_key
+from pipeline.runner import NON_SEMANTIC_KEYS, Runner, cache_key, config_slice, hashed_slice
 from pipeline.stage import Stage, StageContext
 from pipeline.store import ArtifactStore
 from pipeline.stages import registry
-from tiny_pipeline import ROOT, pipeline_command, run_cli, subprocess_env, temporaries
+from tiny_pipeline import ROOT, compose_config, pipeline_command, run_cli, subprocess_env, temporaries
 
 OUTPUT = "out.json"
 
@@ -132,6 +132,17 @@ def test_golden_cache_keys():
     assert cache_key(stage, values, {}, {"harmful": "ab" * 32}) == "041ec65c1523c663"
     measure = registry()["measure"]
     assert cache_key(measure, {}, {"collect": "0" * 16}, {}) == "efc9f9c1f5cb9aba"  # measure version 3
+
+
+def test_eval_batch_size_is_part_of_the_scores_keys():
+    """In bfloat16 the first-token numbers depend on the padding batch (runner.NON_SEMANTIC_KEYS), so a cached score
+    computed at one batch size is never served for another; collect's batch size stays out of its key."""
+    stages = registry()
+    slices = {size: {name: hashed_slice(config_slice(compose_config([f"eval.batch_size={size}", f"collect.batch_size={size}"]),
+                                                     stages[name].config_keys), stages[name].unkeyed)
+                     for name in ("collect", "baseline", "evaluate")} for size in (16, 64)}
+    assert slices[16]["collect"] == slices[64]["collect"]
+    assert slices[16]["baseline"] != slices[64]["baseline"] and slices[16]["evaluate"] != slices[64]["evaluate"]
 
 
 # --- trusting the cache ------------------------------------------------------------------------
