@@ -155,6 +155,17 @@ def write_summary_csv(jobs: Sequence[JobSummary], path: Path) -> None:
             )
 
 
+MAX_LABEL = 48
+"""Longest point label drawn: a search varies every searched setting, and labels that long cover the plot
+(summary.csv has every job's overrides)."""
+
+
+def point_label(job: str, overrides: Sequence[str]) -> str:
+    """'#job' plus the job's varying overrides, or '#job' alone when they would not fit."""
+    text = " ".join((f"#{job}", *overrides))
+    return text if len(text) <= MAX_LABEL else f"#{job}"
+
+
 def plot_sweep(jobs: Sequence[JobSummary], path: Path) -> None:
     """pareto.png: evaluated jobs as points labelled by their varying overrides, the Pareto front joined."""
     shown = [(job, label) for job, label in zip(jobs, varying_overrides(jobs)) if job.kl_divergence is not None]
@@ -166,7 +177,7 @@ def plot_sweep(jobs: Sequence[JobSummary], path: Path) -> None:
         points,
         pareto_front(points),
         f"{len(shown)} evaluated jobs" + (f", {failed} without metrics (see summary.csv)" if failed else ""),
-        labels=[" ".join((f"#{job.job}", *label)) for job, label in shown],
+        labels=[point_label(job.job, label) for job, label in shown],
         point_label="sweep point",
         empty="no job finished evaluate",
         y_label="refusal rate on held-out harmful prompts" if generated else

@@ -160,3 +160,11 @@ def test_a_forward_only_sweep_plots_the_refusal_score(tmp_path, monkeypatch):
     jobs[0] = JobSummary("0", ("mode.top_n=0",), 5, 3, 1.0, refusal_after=0.25, refusal_score_after=0.2, kl_divergence=0.01)
     sweep.plot_sweep(jobs[:1], tmp_path / "pareto.png")
     assert drawn["points"] == [(0.01, 0.25)] and drawn["y_label"].startswith("refusal rate")
+
+
+def testpoint_labels_stay_short_enough_to_read():
+    from pipeline.sweep import MAX_LABEL, point_label
+
+    assert point_label("3", ("mode.top_n=2",)) == "#3 mode.top_n=2"
+    searched = tuple(f"select.setting_{i}=0.{i}" for i in range(7))
+    assert point_label("12", searched) == "#12" and len(" ".join(("#12", *searched))) > MAX_LABEL
